@@ -1,0 +1,35 @@
+"""parrot_pandas: run an LLM over every row of a DataFrame, in parallel, at your rate limit.
+
+Importing the package registers the ``DataFrame.llm`` accessor::
+
+    import parrot_pandas
+    out = df.llm.generate("Summarize: ${text}", output="summary", model="gpt-4o-mini")
+"""
+
+from __future__ import annotations
+
+from .accessor import LLMAccessor
+from .cache import cache_info, clear_cache
+from .errors import (
+    APIConnectionError,
+    APIError,
+    ConfigurationError,
+    ParrotError,
+    RowsFailedError,
+    StructuredOutputError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "ConfigurationError",
+    "LLMAccessor",
+    "ParrotError",
+    "RowsFailedError",
+    "StructuredOutputError",
+    "__version__",
+    "cache_info",
+    "clear_cache",
+]

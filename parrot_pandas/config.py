@@ -1,0 +1,196 @@
+"""One frozen settings object per run, from keyword options and the environment."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["REQUEST_PARAMETERS", "RUN_SETTINGS", "RunConfig"]
+
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# Passed through to the API as they are. `extra_body` is the escape hatch for anything a
+# particular server accepts that is not listed (merged into the JSON body).
+REQUEST_PARAMETERS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "reasoning_effort",
+        "service_tier",
+        "top_k",
+        "min_p",
+        "repeat_penalty",
+        "extra_body",
+    }
+)
+
+# Run settings: how the run behaves, never sent to the server.
+RUN_SETTINGS = frozenset(
+    {
+        "api_key",
+        "base_url",
+        "max_concurrency",
+        "max_retries",
+        "timeout",
+        "rpm",
+        "tpm",
+        "cache",
+        "refresh",
+        "errors",
+        "progress",
+        "running_loop",
+    }
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs to know, validated before any request is sent.
+
+    Built by :meth:`from_options`; the API key is kept out of ``repr`` and never logged.
+    """
+
+    model: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    system: str | None = None
+    n: int = 1
+    params: tuple[tuple[str, Any], ...] = ()
+    max_concurrency: int = 64
+    max_retries: int = 6
+    timeout: float = 120.0
+    rpm: float | None = None
+    tpm: float | None = None
+    cache: Any = True
+    refresh: bool = False
+    errors: str = "raise"
+    progress: bool | None = None
+    running_loop: str = "thread"
+
+    @property
+    def request_params(self) -> dict[str, Any]:
+        """The pass-through request parameters as a fresh dict."""
+        return dict(self.params)
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The completion budget the user set, which providers count against the token limit."""
+        params = self.request_params
+        value = params.get("max_completion_tokens", params.get("max_tokens"))
+        return int(value) if value is not None else None
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        model: str | None = None,
+        system: str | None = None,
+        n: int = 1,
+        **options: Any,
+    ) -> RunConfig:
+        """Validate keyword options and fill the rest from the environment.
+
+        Raises
+        ------
+        ConfigurationError
+            For an unknown option (naming the closest valid one) or an invalid value.
+        """
+        unknown = sorted(set(options) - REQUEST_PARAMETERS - RUN_SETTINGS)
+        if unknown:
+            valid = sorted(REQUEST_PARAMETERS | RUN_SETTINGS)
+            parts = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, valid, n=1)
+                parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigurationError(
+                f"unknown option(s) {', '.join(parts)}. Valid options: {', '.join(valid)}. "
+                "Pass other server-specific request fields as extra_body={...}."
+            )
+        settings = {k: v for k, v in options.items() if k in RUN_SETTINGS}
+        params = {k: v for k, v in options.items() if k in REQUEST_PARAMETERS and v is not None}
+
+        model = model if model is not None else os.environ.get("PARROT_PANDAS_MODEL", DEFAULT_MODEL)
+        if not isinstance(model, str) or not model:
+            raise ConfigurationError(f"model must be a non-empty string, got {model!r}")
+        if system is not None and not isinstance(system, str):
+            raise ConfigurationError(f"system must be a string or None, got {type(system).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigurationError(f"n must be an integer >= 1 (samples per row), got {n!r}")
+
+        base_url = settings.pop("base_url", None) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"base_url must be an http(s) URL such as 'http://127.0.0.1:8080/v1', got {base_url!r}"
+            )
+        api_key = settings.pop("api_key", None) or os.environ.get("OPENAI_API_KEY")
+        if api_key is not None and not isinstance(api_key, str):
+            raise ConfigurationError("api_key must be a string")
+        if api_key is None and base_url.rstrip("/") == DEFAULT_BASE_URL:
+            raise ConfigurationError(
+                "no API key: set the OPENAI_API_KEY environment variable or pass api_key=..., "
+                "or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"
+            )
+
+        _check_params(params)
+        for name in ("max_concurrency", "max_retries"):
+            if name in settings:
+                value = settings[name]
+                low = 1 if name == "max_concurrency" else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("timeout", "rpm", "tpm"):
+            value = settings.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
+                raise ConfigurationError(f"{name} must be a positive number or None, got {value!r}")
+        if settings.get("errors", "raise") not in ("raise", "coerce"):
+            raise ConfigurationError(
+                f"errors must be 'raise' or 'coerce' (as in pandas.to_numeric), got {settings['errors']!r}"
+            )
+        if settings.get("running_loop", "thread") not in ("thread", "nest"):
+            raise ConfigurationError(
+                "running_loop must be 'thread' (run on a private loop in a worker thread when the "
+                "caller's loop is busy) or 'nest' (nest_asyncio, same thread), "
+                f"got {settings['running_loop']!r}"
+            )
+        cache = settings.get("cache", True)
+        if not isinstance(cache, (bool, str, os.PathLike)):
+            raise ConfigurationError(f"cache must be True, False or a file path, got {cache!r}")
+
+        return cls(
+            model=model,
+            base_url=base_url.rstrip("/"),
+            api_key=api_key,
+            system=system,
+            n=n,
+            params=tuple(sorted(params.items())),
+            **settings,
+        )
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigurationError(f"{name} must be a number, got {value!r}")
+    extra = params.get("extra_body")
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigurationError(f"extra_body must be a dict of JSON fields, got {type(extra).__name__}")

@@ -1,0 +1,138 @@
+"""What the scheduler reports as a run goes, and the listener that turns it into run facts.
+
+A progress bar, logging and ``out.attrs["llm"]`` all consume the same events, so none of them
+needs hooks inside the request path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Event",
+    "Listener",
+    "RequestDone",
+    "RequestSent",
+    "RowsDone",
+    "RowsFailed",
+    "RowsSkipped",
+    "Retry",
+    "RunFinished",
+    "RunStarted",
+    "RunStats",
+]
+
+
+class Event:
+    """Base class of scheduler events."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    """The run begins with ``rows`` input rows."""
+
+    rows: int
+
+
+@dataclass(frozen=True)
+class RequestSent(Event):
+    """A request left for the server (every attempt counts, retries included)."""
+
+
+@dataclass(frozen=True)
+class RequestDone(Event):
+    """A request came back with a 2xx answer (billed, even if the answer is then rejected)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float
+
+
+@dataclass(frozen=True)
+class RowsDone(Event):
+    """``rows`` input rows have their answers (``cached``: served from the cache, no request)."""
+
+    rows: int
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class RowsSkipped(Event):
+    """``rows`` input rows are not sent: a value their template needs is missing."""
+
+    rows: int
+
+
+@dataclass(frozen=True)
+class Retry(Event):
+    """A request failed transiently and is sent again after ``wait`` seconds."""
+
+    attempt: int
+    wait: float
+    error: str
+
+
+@dataclass(frozen=True)
+class RowsFailed(Event):
+    """``rows`` input rows failed for good; ``error`` is the last error message."""
+
+    rows: int
+    error: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    """The run ended (normally, by an error, or interrupted); ``facts`` are extra run facts."""
+
+    facts: dict[str, Any]
+
+
+Listener = Callable[[Event], None]
+
+
+class RunStats:
+    """Counts the events of one run into the dict stored in ``out.attrs["llm"]``."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._start = clock()
+        self.facts: dict[str, Any] = {
+            "rows": 0,
+            "done_rows": 0,
+            "cached_rows": 0,
+            "failed_rows": 0,
+            "skipped_rows": 0,
+            "requests": 0,
+            "retries": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "elapsed": 0.0,
+        }
+
+    def __call__(self, event: Event) -> None:
+        facts = self.facts
+        if isinstance(event, RequestSent):
+            facts["requests"] += 1
+        elif isinstance(event, RequestDone):
+            facts["prompt_tokens"] += event.prompt_tokens
+            facts["completion_tokens"] += event.completion_tokens
+        elif isinstance(event, RowsDone):
+            facts["done_rows"] += event.rows
+            if event.cached:
+                facts["cached_rows"] += event.rows
+        elif isinstance(event, Retry):
+            facts["retries"] += 1
+        elif isinstance(event, RowsFailed):
+            facts["failed_rows"] += event.rows
+        elif isinstance(event, RowsSkipped):
+            facts["skipped_rows"] += event.rows
+        elif isinstance(event, RunStarted):
+            facts["rows"] = event.rows
+        elif isinstance(event, RunFinished):
+            facts.update(event.facts)
+        facts["elapsed"] = round(self._clock() - self._start, 3)

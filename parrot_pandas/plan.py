@@ -1,0 +1,131 @@
+"""What one run asks of the server: from a rendered prompt to a request, a cache key and a parser.
+
+The scheduler stays ignorant of templates, fields and output shapes: it asks the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .cache import request_key
+from .config import RunConfig
+from .providers import Call
+from .structured import Field, dedupe_items, items_schema, parse_items, schema_instructions
+
+__all__ = ["RequestPlan"]
+
+STRATEGIES = ("tools", "json_schema", "json_object", "prompt")
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """How every row's prompt becomes a request, and every answer a value.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's settings.
+    fields : tuple of Field, optional
+        For ``extract``: the normalized fields; ``None`` for ``generate``.
+    strategy : str
+        How a structured answer is asked for (see :data:`STRATEGIES`).
+    """
+
+    config: RunConfig
+    fields: tuple[Field, ...] | None = None
+    strategy: str | None = None
+
+    @cached_property
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON Schema of a structured answer, ``None`` for free text."""
+        return items_schema(self.fields) if self.fields is not None else None
+
+    @cached_property
+    def _schema_chars(self) -> int:
+        return len(json.dumps(self.schema)) if self.schema is not None else 0
+
+    def with_strategy(self, strategy: str) -> RequestPlan:
+        """The same plan asking for structured answers another way."""
+        return RequestPlan(self.config, self.fields, strategy)
+
+    def messages(self, prompt: str) -> tuple[dict[str, str], ...]:
+        """The chat messages for ``prompt``: the optional system message, then the user's."""
+        system = self.config.system
+        if self.fields is not None and self.strategy in ("json_object", "prompt"):
+            # Without native structured output the schema has to travel in the text.
+            instructions = schema_instructions(self.fields)
+            system = f"{system}\n\n{instructions}" if system else instructions
+        return _chat(system, prompt)
+
+    def key(self, prompt: str) -> str:
+        """The cache key: everything that shapes the answer, never the API key.
+
+        The structured-output strategy (and the schema text it may add to the messages) is
+        left out on purpose: any strategy's valid answer to the same schema serves, so a
+        fallback in one run does not void the cache.
+        """
+        return request_key(
+            {
+                "base_url": _public_url(self.config.base_url),
+                "model": self.config.model,
+                "messages": list(_chat(self.config.system, prompt)),
+                "params": self.config.request_params,
+                "schema": self.schema,
+            }
+        )
+
+    def call(self, prompt: str, n: int) -> Call:
+        """The request asking ``n`` samples for ``prompt``."""
+        return Call(
+            model=self.config.model,
+            messages=self.messages(prompt),
+            n=n,
+            params=self.config.request_params,
+            schema=self.schema,
+            strategy=self.strategy if self.fields is not None else None,
+        )
+
+    def cost(self, prompt: str, n: int, prompt_ratio: float = 1.0) -> int:
+        """Tokens the provider counts against the limit before answering: prompt + n * max_tokens."""
+        # Providers count the tool / response-format schema as prompt tokens too.
+        size = sum(len(m["content"]) for m in self.messages(prompt)) + self._schema_chars
+        return math.ceil(size / 4 * prompt_ratio) + n * (self.config.max_output_tokens or 0)
+
+    @property
+    def parse(self) -> Callable[[str], Any]:
+        """Text of one sample -> its value (raises ``StructuredOutputError`` when invalid)."""
+        if self.fields is None:
+            return _text
+        fields = self.fields
+        return lambda text: parse_items(text, fields)
+
+    def combine(self, samples: list[Any]) -> list[Any]:
+        """The distinct outputs of a row's samples, in first-seen order."""
+        if self.fields is None:
+            return list(dict.fromkeys(samples))
+        return dedupe_items(item for items in samples for item in items)
+
+
+def _chat(system: str | None, prompt: str) -> tuple[dict[str, str], ...]:
+    if system:
+        return ({"role": "system", "content": system}, {"role": "user", "content": prompt})
+    return ({"role": "user", "content": prompt},)
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _public_url(url: str) -> str:
+    # Credentials in a URL (https://user:secret@host) must never reach the cache key's payload.
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))

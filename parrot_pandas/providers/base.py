@@ -1,0 +1,69 @@
+"""What every provider module offers: the one interface the client and scheduler use.
+
+The rest of the package never branches on the provider: it builds a :class:`Call`, asks the
+provider for the HTTP request, and gets a :class:`Completion` (or an ``APIError``) back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..limits import LimitInfo
+
+__all__ = ["Call", "Completion", "HTTPRequest", "Provider"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request's content, provider-neutral.
+
+    ``schema`` is the JSON Schema of a structured answer (``extract``), ``None`` for free text;
+    ``strategy`` says how to ask for it: ``"tools"`` (a forced function call), ``"json_schema"``,
+    ``"json_object"`` or ``"prompt"`` (the schema is already in the messages).
+    """
+
+    model: str
+    messages: tuple[Mapping[str, str], ...]
+    n: int = 1
+    params: Mapping[str, Any] = field(default_factory=dict)
+    schema: Mapping[str, Any] | None = None
+    strategy: str | None = None
+
+
+@dataclass(frozen=True)
+class HTTPRequest:
+    """What to send: the client adds nothing but the session and the timeout."""
+
+    url: str
+    headers: Mapping[str, str]
+    json: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One successful response: the answer texts (raw JSON for structured calls), usage, limits."""
+
+    texts: tuple[str, ...]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    limits: LimitInfo = field(default_factory=LimitInfo)
+
+
+class Provider(Protocol):
+    """A wire protocol: payload, headers, response parsing, rate-limit header reading."""
+
+    name: str
+
+    def build(self, call: Call) -> HTTPRequest:
+        """The HTTP request for ``call``."""
+
+    def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
+        """A 2xx JSON body -> Completion; raises ``StructuredOutputError`` if it holds no answer."""
+
+    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> Exception:
+        """A non-2xx response -> the ``APIError`` carrying the server's own message."""
+
+    def limits(self, headers: Mapping[str, str]) -> LimitInfo:
+        """The rate-limit facts in a response's headers."""

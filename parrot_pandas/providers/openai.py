@@ -1,0 +1,155 @@
+"""The OpenAI Chat Completions protocol, spoken by OpenAI, vLLM, Ollama, llama.cpp and others."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import APIError, StructuredOutputError
+from ..limits import LimitInfo, parse_duration, parse_retry_after
+from .base import Call, Completion, HTTPRequest
+
+__all__ = ["OpenAIProvider"]
+
+TOOL_NAME = "record_items"
+
+
+class OpenAIProvider:
+    """``POST {base_url}/chat/completions`` with a bearer key.
+
+    Parameters
+    ----------
+    base_url : str
+        Up to and including the version segment, e.g. ``https://api.openai.com/v1``.
+    api_key : str, optional
+        Sent as ``Authorization: Bearer``; local servers often need none.
+    """
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider({self._url!r})"
+
+    def build(self, call: Call) -> HTTPRequest:
+        params = dict(call.params)
+        extra = params.pop("extra_body", None) or {}
+        body: dict[str, Any] = {"model": call.model, "messages": list(call.messages), **params}
+        if call.n != 1:
+            body["n"] = call.n
+        if call.schema is not None:
+            body.update(_structured_fields(call))
+        body.update(extra)
+        return HTTPRequest(self._url, self._headers, body)
+
+    def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
+        try:
+            choices = body["choices"]
+        except (TypeError, KeyError):
+            raise StructuredOutputError(f"response has no 'choices': {str(body)[:200]}") from None
+        texts = []
+        for choice in choices:
+            text = _answer_text(choice.get("message") or {}, structured=call.schema is not None)
+            if text is not None:
+                texts.append(text)
+        usage = body.get("usage") or {}
+        return Completion(
+            texts=tuple(texts),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            limits=self.limits(headers),
+        )
+
+    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        message, code = _error_message(body)
+        return APIError(
+            message or f"the server answered HTTP {status} with no error message",
+            status=status,
+            code=code,
+            retry_after=parse_retry_after(headers),
+        )
+
+    def limits(self, headers: Mapping[str, str]) -> LimitInfo:
+        return LimitInfo(
+            limit_requests=_int(headers.get("x-ratelimit-limit-requests")),
+            limit_tokens=_int(headers.get("x-ratelimit-limit-tokens")),
+            remaining_requests=_int(headers.get("x-ratelimit-remaining-requests")),
+            remaining_tokens=_int(headers.get("x-ratelimit-remaining-tokens")),
+            reset_requests=_duration(headers.get("x-ratelimit-reset-requests")),
+            reset_tokens=_duration(headers.get("x-ratelimit-reset-tokens")),
+            retry_after=parse_retry_after(headers),
+        )
+
+
+def _structured_fields(call: Call) -> dict[str, Any]:
+    schema = dict(call.schema or {})
+    if call.strategy == "tools":
+        return {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": TOOL_NAME,
+                        "description": "Record every object found, as the items array.",
+                        "parameters": schema,
+                    },
+                }
+            ],
+            "tool_choice": {"type": "function", "function": {"name": TOOL_NAME}},
+        }
+    if call.strategy == "json_schema":
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": TOOL_NAME, "schema": schema, "strict": True},
+            }
+        }
+    if call.strategy == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    return {}
+
+
+def _answer_text(message: Mapping[str, Any], *, structured: bool) -> str | None:
+    if structured:
+        for tool_call in message.get("tool_calls") or ():
+            arguments = (tool_call.get("function") or {}).get("arguments")
+            if arguments is not None:
+                # Some servers send the arguments as an object rather than a JSON string.
+                return arguments if isinstance(arguments, str) else json.dumps(arguments)
+    content = message.get("content")
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return content if isinstance(content, str) else None
+
+
+def _error_message(body: Any) -> tuple[str, str | None]:
+    if isinstance(body, Mapping):
+        error = body.get("error", body)
+        if isinstance(error, Mapping):
+            code = error.get("code") or error.get("type")
+            return str(error.get("message") or ""), (str(code) if code is not None else None)
+        if isinstance(error, str):
+            return error, None
+    if isinstance(body, str):
+        return body.strip()[:500], None
+    return "", None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _duration(value: str | None) -> float | None:
+    try:
+        return parse_duration(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,102 @@
+"""Sync over async: run a coroutine from plain code, from inside a running loop, and on Ctrl-C.
+
+Inside Jupyter the kernel's event loop is already running in the calling thread, so
+``asyncio.run`` is refused. By default the run goes to a private event loop in a worker thread
+while the caller blocks (interruptibly) on it: nothing in the process is patched, so other
+asyncio libraries in the kernel (anyio, httpx, the OpenAI SDK) keep working. ``nest_asyncio``
+stays available as an explicit opt-in (``running_loop="nest"``) for users who need the run on
+the caller's own loop; it is applied only then, and only to that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+__all__ = ["run_sync"]
+
+T = TypeVar("T")
+
+# How long a cancelled run may take to close its connections and flush the cache after Ctrl-C.
+_CANCEL_GRACE = 5.0
+
+
+def run_sync(make: Callable[[], Awaitable[T]], *, running_loop: str = "thread") -> T:
+    """Run ``make()`` to completion from synchronous code and return its result.
+
+    Parameters
+    ----------
+    make : callable
+        Returns the awaitable to run; called on the loop that runs it.
+    running_loop : {"thread", "nest"}
+        What to do when the calling thread already runs an event loop (a notebook cell):
+        ``"thread"`` runs on a private loop in a worker thread; ``"nest"`` re-enters the
+        caller's loop through ``nest_asyncio``.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        After cancelling the run (in-flight requests are aborted, finished answers kept).
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is None:
+        return asyncio.run(_call(make))
+    if running_loop == "nest":
+        import nest_asyncio
+
+        nest_asyncio.apply(loop)
+        return loop.run_until_complete(_call(make))
+    return _run_in_thread(make)
+
+
+async def _call(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()
+
+
+def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
+    loop = asyncio.new_event_loop()
+    outcome: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> T:
+        outcome["task"] = asyncio.current_task()
+        started.set()
+        return await make()
+
+    def target() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            outcome["value"] = loop.run_until_complete(main())
+        except BaseException as exc:  # handed to the calling thread, which re-raises it
+            outcome["error"] = exc
+        finally:
+            started.set()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    thread = threading.Thread(target=target, name="parrot_pandas-run", daemon=True)
+    thread.start()
+    try:
+        # A short join timeout keeps the calling thread responsive to Ctrl-C (SIGINT).
+        while thread.is_alive():
+            thread.join(0.05)
+    except KeyboardInterrupt:
+        started.wait(1.0)
+        task = outcome.get("task")
+        if task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop already finished and closed: nothing left to cancel
+        thread.join(_CANCEL_GRACE)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
