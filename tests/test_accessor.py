@@ -1,0 +1,236 @@
+"""df.llm end to end against a real local HTTP server (parrot_pandas.testing.FakeServer)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from parrot_pandas import APIConnectionError, APIError, ConfigurationError, RowsFailedError
+
+
+def test_generate_keeps_input_columns_index_and_order(docs, server):
+    out = docs.llm.generate("Say: ${title}", output="said", base_url=server.url)
+    assert list(out.columns) == ["title", "text", "said"]
+    assert list(out.index) == ["a", "b", "c", "d"]
+    assert out.index.name == "doc"
+    assert out["said"].tolist() == ["echo: Say: Ada", "echo: Say: Alan", "echo: Say: Grace", "echo: Say: Edsger"]
+    assert "said" not in docs.columns  # the input is never modified
+    facts = out.attrs["llm"]
+    assert facts["requests"] == 4 and facts["rows"] == 4 and facts["failed_rows"] == 0
+
+
+def test_missing_values_skip_the_row_and_give_na(docs, server):
+    out = docs.llm.generate("Facts: ${text}", base_url=server.url)
+    assert out.loc["d", "output"] is pd.NA
+    assert out.loc["a", "output"] == "echo: Facts: name=Ada, year=1815"
+    sent = server.stats()["by_prompt"]
+    assert len(sent) == 3 and all("None" not in p and "nan" not in p for p in sent)
+    assert out.attrs["llm"]["skipped_rows"] == 1
+
+
+def test_n_samples_are_deduplicated_and_exploded(docs, server):
+    out = docs.iloc[:2].llm.generate("Say: ${title}", n=3, temperature=1.0, base_url=server.url)
+    # The echo model answers two distinct texts over three samples.
+    assert list(out.index) == ["a", "a", "b", "b"]
+    assert out.loc["a", "output"].tolist() == ["echo: Say: Ada", "echo (alt): Say: Ada"]
+
+
+def test_server_that_ignores_n_gets_more_requests(docs, server_factory):
+    server = server_factory(honor_n=False)
+    out = docs.iloc[:1].llm.generate("Say: ${title}", n=3, base_url=server.url)
+    # Three single-choice requests make up the three samples (all identical: one row).
+    assert server.stats()["ok"] == 3
+    assert out["output"].tolist() == ["echo: Say: Ada"]
+
+
+def test_identical_prompts_are_sent_once(server):
+    df = pd.DataFrame({"t": ["x", "y", "x", "x"]}, index=[5, 5, 6, 7])
+    out = df.llm.generate("${t}", base_url=server.url)
+    assert server.stats()["ok"] == 2
+    assert out["output"].tolist() == ["echo: x", "echo: y", "echo: x", "echo: x"]
+    assert list(out.index) == [5, 5, 6, 7]
+
+
+def test_extract_explodes_objects_with_typed_columns(docs, server):
+    out = docs.llm.extract("Facts:\n${text}", {"name": str, "year": int}, base_url=server.url)
+    assert list(out.columns) == ["title", "text", "name", "year"]
+    assert list(out.index) == ["a", "b", "b", "c", "d"]
+    assert out["name"].tolist()[:3] == ["Ada", "Alan", "Alonzo"]
+    assert str(out["year"].dtype) == "Int64"
+    assert out.loc["c", "name"] is pd.NA  # nothing found: one row, NA fields
+    assert out.loc["d", "year"] is pd.NA  # skipped
+    assert out.attrs["llm"]["strategy"] == "tools"
+
+
+def test_extract_with_field_names_and_samples(docs, server):
+    out = docs.iloc[:2].llm.extract("Facts:\n${text}", ["name", "year"], n=2, base_url=server.url)
+    # Both samples carry the same objects: deduplicated, values as strings.
+    assert out["name"].tolist() == ["Ada", "Alan", "Alonzo"]
+    assert out["year"].tolist() == ["1815", "1912", "1903"]
+
+
+def test_multiindex_and_duplicate_labels_are_kept(server):
+    index = pd.MultiIndex.from_tuples([("x", 1), ("x", 1), ("y", 2)], names=["k", "v"])
+    df = pd.DataFrame({"facts": ["name=A, year=1", "name=B, year=2\nname=C, year=3", "none"]}, index=index)
+    out = df.llm.extract("${facts}", {"name": str, "year": int}, base_url=server.url)
+    assert list(out.index) == [("x", 1), ("x", 1), ("x", 1), ("y", 2)]
+    assert out["name"].tolist()[:3] == ["A", "B", "C"]
+    assert out.index.names == ["k", "v"]
+
+
+def test_empty_frame_returns_empty_frame_with_output_columns(server):
+    df = pd.DataFrame({"text": pd.Series([], dtype="string")})
+    out = df.llm.extract("${text}", ["a", "b"], base_url=server.url)
+    assert list(out.columns) == ["text", "a", "b"] and len(out) == 0
+    assert server.stats()["requests"] == 0
+
+
+def test_non_string_values_render_with_str(server):
+    df = pd.DataFrame({"n": [1, 2.5], "when": pd.to_datetime(["2024-01-02", "2024-03-04"]), "l": [[1], ["a"]]})
+    out = df.llm.generate("${n} ${when} ${l}", base_url=server.url)
+    assert out["output"].tolist() == ["echo: 1.0 2024-01-02 00:00:00 [1]", "echo: 2.5 2024-03-04 00:00:00 ['a']"]
+
+
+async def test_agenerate_and_aextract_run_on_the_callers_loop(docs, server):
+    out = await docs.llm.agenerate("Say: ${title}", base_url=server.url)
+    assert out["output"].iloc[0] == "echo: Say: Ada"
+    ex = await docs.llm.aextract("${text}", {"name": str}, base_url=server.url)
+    assert ex["name"].iloc[0] == "Ada"
+
+
+# -- failure is normal, loss is not -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_600_rows_survive_faults_complete_and_correct(server_factory):
+    server = server_factory(fail_rate=0.05, drop_rate=0.02, malformed_rate=0.05, latency=0.01, seed=7)
+    df = pd.DataFrame({"facts": [f"name=n{i}, year={1000 + i}" for i in range(600)]})
+    out = df.llm.extract("Facts:\n${facts}", {"name": str, "year": int}, base_url=server.url)
+    assert len(out) == 600
+    assert out["name"].tolist() == [f"n{i}" for i in range(600)]
+    assert out["year"].tolist() == [1000 + i for i in range(600)]
+    stats = server.stats()
+    assert stats["failed"] > 0 and stats["dropped"] > 0 and stats["malformed"] > 0
+    facts = out.attrs["llm"]
+    assert facts["retries"] == stats["failed"] + stats["dropped"] + stats["malformed"]
+    assert facts["requests"] == stats["requests"]
+
+
+def test_bad_key_fails_at_once_with_server_message_and_no_key(docs, server_factory):
+    server = server_factory(api_key="sk-right-key-123456")
+    with pytest.raises(APIError) as info:
+        docs.llm.generate("${title}", base_url=server.url, api_key="sk-wrong-key-987654")
+    assert info.value.status == 401
+    assert "sk-wrong-key-987654" not in str(info.value) and "987654" not in repr(info.value)
+    assert server.stats()["requests"] == 1  # the setup request only
+
+
+def test_unknown_model_fails_at_once(docs, server_factory):
+    server = server_factory(models=("small",))
+    with pytest.raises(APIError, match="does not exist") as info:
+        docs.llm.generate("${title}", model="huge", base_url=server.url)
+    assert info.value.status == 404
+    assert server.stats()["requests"] == 1
+
+
+def test_unreachable_server_fails_after_retries(docs):
+    with pytest.raises(APIConnectionError):
+        docs.llm.generate("${title}", base_url="http://127.0.0.1:9/v1", max_retries=1)
+
+
+def _long_rows() -> pd.DataFrame:
+    return pd.DataFrame({"text": ["short", "x" * 4000, "also short"]}, index=[1, 2, 3])
+
+
+def test_a_row_too_long_fails_alone_and_raise_carries_the_rest(server_factory):
+    server = server_factory(context_window=100)
+    with pytest.raises(RowsFailedError) as info:
+        _long_rows().llm.generate("${text}", base_url=server.url)
+    exc = info.value
+    assert list(exc.errors.index) == [2]
+    assert "maximum context length" in exc.errors.loc[2]
+    assert exc.result.loc[1, "output"] == "echo: short"
+    assert exc.result.loc[3, "output"] == "echo: also short"
+    assert exc.result.loc[2, "output"] is pd.NA
+
+
+def test_coerce_returns_na_and_llm_error_column(server_factory):
+    server = server_factory(context_window=100)
+    out = _long_rows().llm.generate("${text}", base_url=server.url, errors="coerce")
+    assert out["llm_error"].isna().tolist() == [True, False, True]
+    assert out.loc[3, "output"] == "echo: also short"
+    assert out.attrs["llm"]["failed_rows"] == 1
+
+
+def test_first_row_too_long_is_a_row_failure_not_a_run_failure(server_factory):
+    server = server_factory(context_window=100)
+    df = _long_rows().iloc[[1, 0, 2]]
+    out = df.llm.generate("${text}", base_url=server.url, errors="coerce")
+    assert out["output"].isna().tolist() == [True, False, False]
+
+
+# -- the cache ----------------------------------------------------------------------------
+
+
+def test_rerun_is_served_from_the_cache(docs, server):
+    first = docs.llm.extract("${text}", {"name": str, "year": int}, base_url=server.url)
+    sent = server.stats()["requests"]
+    second = docs.llm.extract("${text}", {"name": str, "year": int}, base_url=server.url)
+    assert server.stats()["requests"] == sent  # nothing new was sent
+    pd.testing.assert_frame_equal(first, second, check_like=False)
+    assert second.attrs["llm"]["cached_rows"] == 3 and second.attrs["llm"]["requests"] == 0
+    third = docs.llm.extract("${text}", {"name": str, "year": int}, base_url=server.url, refresh=True)
+    assert third.attrs["llm"]["requests"] == 3
+
+
+def test_cache_false_always_sends(docs, server):
+    docs.llm.generate("${title}", base_url=server.url, cache=False)
+    docs.llm.generate("${title}", base_url=server.url, cache=False)
+    assert server.stats()["requests"] == 8
+
+
+def test_api_key_never_reaches_cache_attrs_or_repr(docs, server_factory, tmp_path):
+    key = "sk-secret-key-abcdef123456"
+    server = server_factory(api_key=key)
+    path = tmp_path / "c.sqlite3"
+    out = docs.llm.generate("${title}", base_url=server.url, api_key=key, cache=str(path))
+    assert key not in repr(out.attrs) and key not in repr(out)
+    for file in tmp_path.iterdir():
+        assert key.encode() not in file.read_bytes()
+
+
+# -- bad input fails before any request ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda df, url: df.llm.generate("${missing}", base_url=url), "does not have"),
+        (lambda df, url: df.llm.generate(42, base_url=url), "template must be a string"),
+        (lambda df, url: df.llm.generate("${title}", output="text", base_url=url), "already exist"),
+        (lambda df, url: df.llm.generate("${title}", n=0, base_url=url), "n must be"),
+        (lambda df, url: df.llm.generate("${title}", temprature=1, base_url=url), "temperature"),
+        (lambda df, url: df.llm.generate("${title}", errors="ignore", base_url=url), "errors must be"),
+        (lambda df, url: df.llm.extract("${title}", [], base_url=url), "empty"),
+        (lambda df, url: df.llm.extract("${title}", ["a", "a"], base_url=url), "given twice"),
+        (lambda df, url: df.llm.extract("${title}", "question", base_url=url), "question"),
+        (lambda df, url: df.llm.extract("${title}", ["title"], base_url=url), "already exist"),
+    ],
+)
+def test_bad_input_raises_before_any_request(docs, server, call, message):
+    with pytest.raises(ConfigurationError, match=message):
+        call(docs, server.url)
+    assert server.stats()["requests"] == 0
+
+
+def test_missing_column_error_names_missing_and_available(docs, server):
+    with pytest.raises(ConfigurationError) as info:
+        docs.llm.generate("${titel} ${body}", base_url=server.url)
+    text = str(info.value)
+    assert "titel" in text and "body" in text and "'title'" in text and "did you mean ${title}" in text
+
+
+def test_column_names_with_spaces(server):
+    df = pd.DataFrame({"source url": ["http://x"], "price $": [3]})
+    out = df.llm.generate("See ${source url} for $$${price $}", base_url=server.url)
+    assert out["output"].iloc[0] == "echo: See http://x for $3"
