@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from .config import RunConfig
 from .errors import ConfigurationError, RowsFailedError
 from .events import Listener, RunStats
 from .frame import ERROR_COLUMN, explode
-from .limits import RateBudget
+from .limits import Budget, RateBudget
 from .plan import RequestPlan
 from .progress import progress_listener
 from .providers import provider_for
@@ -190,10 +190,17 @@ class _Run:
     def config(self) -> RunConfig:
         return self.plan.config
 
-    async def execute(self) -> pd.DataFrame:
+    async def execute(
+        self, *, budget: Budget | None = None, listeners: Sequence[Listener] = ()
+    ) -> pd.DataFrame:
+        """Run every row and build the output frame.
+
+        ``budget`` replaces the run's own rate budget (e.g. one shared by Dask workers);
+        ``listeners`` receive the scheduler's events next to the run's own.
+        """
         config = self.config
         stats = RunStats()
-        listeners: list[Listener] = [stats]
+        listeners = [stats, *listeners]
         bar = progress_listener(config.progress, total=len(self.frame))
         if bar is not None:
             listeners.append(bar)
@@ -207,7 +214,9 @@ class _Run:
             )
             async with client:
                 scheduler = Scheduler(
-                    self.plan, client, RateBudget(rpm=config.rpm, tpm=config.tpm),
+                    self.plan,
+                    client,
+                    budget if budget is not None else RateBudget(rpm=config.rpm, tpm=config.tpm),
                     cache=cache, listeners=listeners,
                 )
                 outcome = await scheduler.run(self.template.rows(self.frame), rows=len(self.frame))
@@ -221,16 +230,14 @@ class _Run:
             outcome,
             self.fields,
             scalar=self.scalar,
-            with_errors=config.errors == "coerce" or len(errors_of(outcome)) > 0,
+            with_errors=config.errors == "coerce" or any(
+                job is not None and job.error is not None for job in outcome
+            ),
         )
         out.attrs["llm"] = dict(stats.facts)
         if len(errors) and config.errors == "raise":
             raise RowsFailedError(out, errors)
         return out
-
-
-def errors_of(outcome: list[Any]) -> list[str]:
-    return [job.error for job in outcome if job is not None and job.error is not None]
 
 
 def _prepare(
@@ -275,5 +282,3 @@ def _check_collisions(frame: pd.DataFrame, names: list[str], *, from_output: boo
             "for per-row errors; rename it first"
         )
 
-
-_: Callable[..., Any] = run_sync  # re-exported for the sync wrappers above
