@@ -89,7 +89,9 @@ class Client:
         body = _decode(raw)
         if 200 <= status < 300:
             if not isinstance(body, dict):
-                raise APIConnectionError(f"HTTP {status} with an unreadable body: {raw[:200]!r}")
+                raise APIConnectionError(
+                    self._scrub(f"HTTP {status} with an unreadable body: {raw[:200]!r}")
+                )
             return self.provider.parse(call, body, headers)
         error = self.provider.error(status, body, headers)
         if isinstance(error, APIError):

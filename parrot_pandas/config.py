@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["REQUEST_PARAMETERS", "RUN_SETTINGS", "RunConfig"]
+__all__ = ["REQUEST_PARAMETERS", "RUN_SETTINGS", "RunConfig", "redact_url"]
 
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_OPENAI_HOST = "api.openai.com"
 
 # Passed through to the API as they are. `extra_body` is the escape hatch for anything a
 # particular server accepts that is not listed (merged into the JSON body).
@@ -80,6 +82,17 @@ class RunConfig:
     progress: bool | None = None
     running_loop: str = "thread"
 
+    def __repr__(self) -> str:
+        # A base_url may carry credentials (https://user:secret@host, ?key=...): never shown.
+        shown = []
+        for f in fields(self):
+            if f.repr:
+                value = getattr(self, f.name)
+                if f.name == "base_url":
+                    value = redact_url(value)
+                shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     @property
     def request_params(self) -> dict[str, Any]:
         """The pass-through request parameters as a fresh dict."""
@@ -108,6 +121,8 @@ class RunConfig:
         ConfigurationError
             For an unknown option (naming the closest valid one) or an invalid value.
         """
+        n = _plain(n)
+        options = {k: _plain(v) for k, v in options.items()}
         unknown = sorted(set(options) - REQUEST_PARAMETERS - RUN_SETTINGS)
         if unknown:
             valid = sorted(REQUEST_PARAMETERS | RUN_SETTINGS)
@@ -126,22 +141,41 @@ class RunConfig:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(f"model must be a non-empty string, got {model!r}")
         if system is not None and not isinstance(system, str):
-            raise ConfigurationError(f"system must be a string or None, got {type(system).__name__}")
+            raise ConfigurationError(
+                f"system must be a string or None, got {type(system).__name__}"
+            )
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigurationError(f"n must be an integer >= 1 (samples per row), got {n!r}")
 
-        base_url = settings.pop("base_url", None) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        base_url = (
+            settings.pop("base_url", None) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        )
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            shown = redact_url(base_url) if isinstance(base_url, str) else base_url
             raise ConfigurationError(
-                f"base_url must be an http(s) URL such as 'http://127.0.0.1:8080/v1', got {base_url!r}"
+                f"base_url must be an http(s) URL such as 'http://127.0.0.1:8080/v1', got {shown!r}"
             )
-        api_key = settings.pop("api_key", None) or os.environ.get("OPENAI_API_KEY")
+        # An empty OPENAI_API_KEY (exported but unset) means no key, not an empty bearer token.
+        api_key = settings.pop("api_key", None) or os.environ.get("OPENAI_API_KEY") or None
         if api_key is not None and not isinstance(api_key, str):
             raise ConfigurationError("api_key must be a string")
-        if api_key is None and base_url.rstrip("/") == DEFAULT_BASE_URL:
+        try:
+            url = urlsplit(base_url)
+            _ = url.port  # reading the port is what validates it
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"base_url is not a valid URL ({exc}): {redact_url(base_url)!r}"
+            ) from None
+        if api_key is None and url.hostname == _OPENAI_HOST:
             raise ConfigurationError(
                 "no API key: set the OPENAI_API_KEY environment variable or pass api_key=..., "
                 "or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"
+            )
+        if api_key is not None and (url.username or url.password):
+            # aiohttp refuses a request with both (ValueError at the first request).
+            raise ConfigurationError(
+                f"base_url {redact_url(base_url)!r} carries user:password credentials and an API "
+                "key is set too (api_key= or OPENAI_API_KEY); a request can carry only one of them"
             )
 
         _check_params(params)
@@ -153,13 +187,15 @@ class RunConfig:
                     raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("timeout", "rpm", "tpm"):
             value = settings.get(name)
+            # `not value > 0` also refuses NaN.
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
             ):
                 raise ConfigurationError(f"{name} must be a positive number or None, got {value!r}")
         if settings.get("errors", "raise") not in ("raise", "coerce"):
             raise ConfigurationError(
-                f"errors must be 'raise' or 'coerce' (as in pandas.to_numeric), got {settings['errors']!r}"
+                "errors must be 'raise' or 'coerce' (as in pandas.to_numeric), "
+                f"got {settings['errors']!r}"
             )
         if settings.get("running_loop", "thread") not in ("thread", "nest"):
             raise ConfigurationError(
@@ -185,7 +221,9 @@ class RunConfig:
 def _check_params(params: dict[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = params.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = params.get(name)
@@ -193,4 +231,42 @@ def _check_params(params: dict[str, Any]) -> None:
             raise ConfigurationError(f"{name} must be a number, got {value!r}")
     extra = params.get("extra_body")
     if extra is not None and not isinstance(extra, dict):
-        raise ConfigurationError(f"extra_body must be a dict of JSON fields, got {type(extra).__name__}")
+        raise ConfigurationError(
+            f"extra_body must be a dict of JSON fields, got {type(extra).__name__}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    # numpy scalars (a count taken from a frame) would be refused as non-int and cannot be
+    # JSON-encoded in the request body; use the Python value.
+    item = getattr(value, "item", None)
+    if item is not None and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
+        return item()
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password and secret-looking query values replaced by ``***``.
+
+    Examples
+    --------
+    >>> redact_url("https://me:hunter2@proxy.local/v1?api-key=abc&x=1")
+    'https://me:***@proxy.local/v1?api-key=***&x=1'
+    """
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username}:***@{netloc.rpartition('@')[2]}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if _secret_name(k) else v) for k, v in pairs], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def _secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in ("key", "token", "secret", "sig", "password", "auth"))

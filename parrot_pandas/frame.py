@@ -51,7 +51,15 @@ def explode(
         The frame, and the failed rows' messages indexed by their input labels.
         A row with no answer (skipped, failed, or nothing extracted) keeps one output row
         with NA in the output columns, so no input row disappears.
+
+    Raises
+    ------
+    ValueError
+        If ``outcome`` does not have one entry per input row.
     """
+    if len(outcome) != len(frame):
+        # A short outcome would silently shift every answer onto the wrong input row.
+        raise ValueError(f"{len(outcome)} outcomes for {len(frame)} input rows")
     counts = np.ones(len(frame), dtype=np.intp)
     answers: list[Any] = []
     messages: list[str | None] = []

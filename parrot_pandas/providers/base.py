@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..config import redact_url
 from ..limits import LimitInfo
 
 __all__ = ["Call", "Completion", "HTTPRequest", "Provider"]
@@ -39,6 +40,10 @@ class HTTPRequest:
     url: str
     headers: Mapping[str, str]
     json: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        # Never the headers (Authorization holds the API key) nor a password in the URL.
+        return f"HTTPRequest(url={redact_url(self.url)!r}, json={self.json!r})"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ..config import redact_url
 from ..errors import APIError, StructuredOutputError
 from ..limits import LimitInfo, parse_duration, parse_retry_after
 from .base import Call, Completion, HTTPRequest
@@ -35,7 +36,7 @@ class OpenAIProvider:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
     def __repr__(self) -> str:
-        return f"OpenAIProvider({self._url!r})"
+        return f"OpenAIProvider({redact_url(self._url)!r})"
 
     def build(self, call: Call) -> HTTPRequest:
         params = dict(call.params)
@@ -49,20 +50,29 @@ class OpenAIProvider:
         return HTTPRequest(self._url, self._headers, body)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
-        try:
-            choices = body["choices"]
-        except (TypeError, KeyError):
-            raise StructuredOutputError(f"response has no 'choices': {str(body)[:200]}") from None
+        choices = body.get("choices") if isinstance(body, Mapping) else None
+        if not isinstance(choices, list):
+            # vLLM can answer 200 with `"choices": null`, or with an error body (context too long).
+            message, _ = _error_message(body)
+            detail = f"the server said: {message}" if message else str(body)[:200]
+            raise StructuredOutputError(f"response has no 'choices': {detail}")
+        structured = call.schema is not None
         texts = []
         for choice in choices:
-            text = _answer_text(choice.get("message") or {}, structured=call.schema is not None)
+            message = choice.get("message") if isinstance(choice, Mapping) else None
+            text = (
+                _answer_text(message, structured=structured)
+                if isinstance(message, Mapping)
+                else None
+            )
             if text is not None:
                 texts.append(text)
-        usage = body.get("usage") or {}
+        usage = body.get("usage")
+        usage = usage if isinstance(usage, Mapping) else {}
         return Completion(
             texts=tuple(texts),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
             limits=self.limits(headers),
         )
 
@@ -124,16 +134,22 @@ def _answer_text(message: Mapping[str, Any], *, structured: bool) -> str | None:
                 return arguments if isinstance(arguments, str) else json.dumps(arguments)
     content = message.get("content")
     if isinstance(content, list):  # content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+        content = "".join(
+            p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+        )
     return content if isinstance(content, str) else None
 
 
 def _error_message(body: Any) -> tuple[str, str | None]:
     if isinstance(body, Mapping):
-        error = body.get("error", body)
+        error = body.get("error") or body
         if isinstance(error, Mapping):
-            code = error.get("code") or error.get("type")
-            return str(error.get("message") or ""), (str(code) if code is not None else None)
+            # vLLM puts the HTTP status in `code` (400) and the useful name in `type`.
+            code = error.get("code")
+            if not isinstance(code, str) or not code:
+                code = error.get("type") or code
+            message = error.get("message") or error.get("detail") or ""
+            return str(message), (str(code) if code is not None else None)
         if isinstance(error, str):
             return error, None
     if isinstance(body, str):
@@ -144,8 +160,15 @@ def _error_message(body: Any) -> tuple[str, str | None]:
 def _int(value: str | None) -> int | None:
     try:
         return int(float(value)) if value is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "nan", "inf"
         return None
+
+
+def _count(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _duration(value: str | None) -> float | None:

@@ -1,0 +1,124 @@
+"""Tests for parrot_pandas.events: the run facts RunStats counts from scheduler events."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from parrot_pandas.events import (
+    Event,
+    RequestDone,
+    RequestSent,
+    Retry,
+    RowsDone,
+    RowsFailed,
+    RowsSkipped,
+    RunFinished,
+    RunStarted,
+    RunStats,
+)
+
+
+class FakeClock:
+    def __init__(self, t: float = 500.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_fresh_run_has_every_fact_at_zero():
+    stats = RunStats(clock=FakeClock())
+    assert stats.facts == {
+        "rows": 0,
+        "done_rows": 0,
+        "cached_rows": 0,
+        "failed_rows": 0,
+        "skipped_rows": 0,
+        "requests": 0,
+        "retries": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "elapsed": 0.0,
+    }
+
+
+def test_a_run_is_counted():
+    clock = FakeClock()
+    stats = RunStats(clock=clock)
+    events = [
+        RunStarted(rows=10),
+        RowsSkipped(rows=1),
+        RowsDone(rows=3, cached=True),
+        RequestSent(),
+        RequestDone(prompt_tokens=100, completion_tokens=20, latency=0.5),
+        RowsDone(rows=2),
+        RequestSent(),
+        Retry(attempt=1, wait=0.25, error="HTTP 429: slow down"),
+        RequestSent(),
+        RequestDone(prompt_tokens=50, completion_tokens=7, latency=0.4),
+        RowsDone(rows=1),
+        RequestSent(),
+        RowsFailed(rows=2, error="HTTP 400: too long"),
+        RowsSkipped(rows=1),
+    ]
+    for event in events:
+        clock.t += 0.1
+        stats(event)
+    clock.t += 0.1
+    stats(RunFinished({"model": "m", "concurrency": 8}))
+    assert stats.facts == {
+        "rows": 10,
+        "done_rows": 6,
+        "cached_rows": 3,
+        "failed_rows": 2,
+        "skipped_rows": 2,
+        "requests": 4,
+        "retries": 1,
+        "prompt_tokens": 150,
+        "completion_tokens": 27,
+        "elapsed": 1.5,
+        "model": "m",
+        "concurrency": 8,
+    }
+
+
+def test_elapsed_follows_the_injected_clock_rounded_to_milliseconds():
+    clock = FakeClock(100.0)
+    stats = RunStats(clock=clock)
+    clock.t = 102.34567
+    stats(RequestSent())
+    assert stats.facts["elapsed"] == 2.346
+
+
+def test_rows_started_is_set_not_added():
+    stats = RunStats(clock=FakeClock())
+    stats(RunStarted(rows=4))
+    stats(RunStarted(rows=7))
+    assert stats.facts["rows"] == 7
+
+
+def test_unknown_events_only_move_the_clock():
+    clock = FakeClock()
+    stats = RunStats(clock=clock)
+
+    @dataclasses.dataclass(frozen=True)
+    class Custom(Event):
+        value: int = 1
+
+    before = dict(stats.facts)
+    clock.t += 1.0
+    stats(Custom())
+    assert {k: v for k, v in stats.facts.items() if k != "elapsed"} == {
+        k: v for k, v in before.items() if k != "elapsed"
+    }
+    assert stats.facts["elapsed"] == 1.0
+
+
+def test_events_are_frozen_values():
+    event = RowsDone(rows=2, cached=True)
+    assert event == RowsDone(rows=2, cached=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.rows = 3  # type: ignore[misc]
+    assert RowsDone(rows=1).cached is False
