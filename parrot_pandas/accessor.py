@@ -10,7 +10,7 @@ import pandas as pd
 
 from .cache import open_cache
 from .client import Client
-from .config import RunConfig
+from .config import STRUCTURED_STRATEGIES, RunConfig
 from .errors import ConfigurationError, RowsFailedError
 from .events import Listener, RunStats
 from .frame import ERROR_COLUMN, explode
@@ -261,9 +261,12 @@ def _prepare(
     else:
         out_fields = normalize_fields(fields)
     _check_collisions(frame, [f.name for f in out_fields], from_output=output is not None)
-    plan = RequestPlan(config, None if output is not None else out_fields, strategy=None)
-    if output is None:
-        plan = plan.with_strategy("tools")
+    if output is not None:
+        plan = RequestPlan(config)
+    else:
+        # "auto" starts with the best strategy; the scheduler falls back at the setup request.
+        first = STRUCTURED_STRATEGIES[0] if config.structured == "auto" else config.structured
+        plan = RequestPlan(config, out_fields, strategy=first)
     return _Run(frame, prompt, plan, out_fields, scalar=output is not None)
 
 

@@ -10,7 +10,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["REQUEST_PARAMETERS", "RUN_SETTINGS", "RunConfig", "redact_url"]
+__all__ = [
+    "REQUEST_PARAMETERS",
+    "RUN_SETTINGS",
+    "STRUCTURED_STRATEGIES",
+    "RunConfig",
+    "redact_url",
+]
 
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -54,8 +60,13 @@ RUN_SETTINGS = frozenset(
         "errors",
         "progress",
         "running_loop",
+        "structured",
     }
 )
+
+# How extract asks for structured answers, best first; "auto" starts at the top and moves
+# down once per run when the server rejects or ignores a strategy.
+STRUCTURED_STRATEGIES = ("tools", "json_schema", "json_object", "prompt")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class RunConfig:
     errors: str = "raise"
     progress: bool | None = None
     running_loop: str = "thread"
+    structured: str = "auto"
 
     def __repr__(self) -> str:
         # A base_url may carry credentials (https://user:secret@host, ?key=...): never shown.
@@ -202,6 +214,11 @@ class RunConfig:
                 "running_loop must be 'thread' (run on a private loop in a worker thread when the "
                 "caller's loop is busy) or 'nest' (nest_asyncio, same thread), "
                 f"got {settings['running_loop']!r}"
+            )
+        if settings.get("structured", "auto") not in ("auto", *STRUCTURED_STRATEGIES):
+            raise ConfigurationError(
+                f"structured must be 'auto' or one of {list(STRUCTURED_STRATEGIES)}, "
+                f"got {settings['structured']!r}"
             )
         cache = settings.get("cache", True)
         if not isinstance(cache, (bool, str, os.PathLike)):

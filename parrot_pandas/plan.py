@@ -20,8 +20,6 @@ from .structured import Field, dedupe_items, items_schema, parse_items, schema_i
 
 __all__ = ["RequestPlan"]
 
-STRATEGIES = ("tools", "json_schema", "json_object", "prompt")
-
 
 @dataclass(frozen=True)
 class RequestPlan:
@@ -34,7 +32,7 @@ class RequestPlan:
     fields : tuple of Field, optional
         For ``extract``: the normalized fields; ``None`` for ``generate``.
     strategy : str
-        How a structured answer is asked for (see :data:`STRATEGIES`).
+        How a structured answer is asked for (see ``config.STRUCTURED_STRATEGIES``).
     """
 
     config: RunConfig

@@ -17,6 +17,7 @@ How a run goes
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ from typing import Any
 import backoff
 
 from .cache import ResponseCache
+from .config import STRUCTURED_STRATEGIES
 from .client import Client
 from .errors import APIError, StructuredOutputError
 from .events import (
@@ -54,6 +56,10 @@ _LOOKUP_BATCH = 256
 _ROW_SPECIFIC = re.compile(
     r"context.{0,20}(length|window)|maximum context|too many tokens|too long|content.?filter",
     re.IGNORECASE,
+)
+# An error that names a structured-output parameter: the server does not support that strategy.
+_STRATEGY_PARAMETER = re.compile(
+    r"tool|function|response_format|json_schema|json_object|grammar|schema", re.IGNORECASE
 )
 
 
@@ -155,17 +161,25 @@ class Scheduler:
         self._tokens_per_request: float | None = None
         self._prompt_ratio = 1.0
         # Retry policy, declared once: what is retried, how long we wait, what gives up.
-        self._send_with_retries = backoff.on_exception(
+        retrying = functools.partial(
+            backoff.on_exception,
             backoff.expo,
             (APIError, StructuredOutputError),
             max_tries=config.max_retries + 1,
-            giveup=lambda exc: not exc.retryable,
             jitter=backoff.full_jitter,
             on_backoff=self._on_backoff,
             logger=None,
             factor=retry_factor,
             max_value=retry_max_wait,
+        )
+        self._send_with_retries = retrying(giveup=lambda exc: not exc.retryable)(self._send)
+        # Probing a structured strategy retries only what is plainly transient.
+        self._send_probe = retrying(
+            giveup=lambda exc: (
+                isinstance(exc, StructuredOutputError) or not exc.retryable or _rejects_strategy(exc)
+            )
         )(self._send)
+        self._probing = config.structured == "auto" and plan.fields is not None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -248,7 +262,7 @@ class Scheduler:
                 elif job.error is not None:
                     self._emit(RowsFailed(rows=1, error=job.error))
                 else:
-                    self._emit(RowsDone(rows=1, cached=True))
+                    self._emit(RowsDone(rows=1, cached=job.cached))
                 continue
             job = by_key[key] = Job(key, prompt)
             outcome.append(job)
@@ -278,13 +292,10 @@ class Scheduler:
 
     async def _process(self, job: Job, *, setup: bool = False) -> None:
         try:
+            if setup and self._probing:
+                await self._probe_strategies(job)
             while len(job.samples) < self._n:
-                answers = await self._send_with_retries(job, self._n - len(job.samples))
-                free = (i for i in range(self._n) if i not in job.samples)
-                for (text, value), index in zip(answers, free):
-                    job.samples[index] = value
-                    if self.cache is not None:
-                        self.cache.put(job.key, index, text, model=self.plan.config.model)
+                self._keep(job, await self._send_with_retries(job, self._n - len(job.samples)))
         except (APIError, StructuredOutputError) as exc:
             if _is_fatal(exc, setup=setup):
                 raise
@@ -297,6 +308,36 @@ class Scheduler:
             return
         self._finish(job, cached=False)
 
+    async def _probe_strategies(self, job: Job) -> None:
+        # Once per run, on the setup request: a server that rejects a structured-output
+        # strategy (an error naming the parameter) or ignores it (no parseable answer) moves
+        # the run to the next one, so rows never pay for the discovery.
+        strategies = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) :]
+        for strategy in strategies:
+            self.plan = self.plan.with_strategy(strategy)
+            last = strategy == strategies[-1]
+            try:
+                answers = await self._send_probe(job, self._n)
+            except StructuredOutputError as exc:
+                if last:
+                    raise
+                logger.info("structured=%r gave no usable answer (%s); trying the next", strategy, exc)
+                continue
+            except APIError as exc:
+                if last or not _rejects_strategy(exc):
+                    raise
+                logger.info("structured=%r refused by the server (%s); trying the next", strategy, exc)
+                continue
+            self._keep(job, answers)
+            return
+
+    def _keep(self, job: Job, answers: list[tuple[str, Any]]) -> None:
+        free = (i for i in range(self._n) if i not in job.samples)
+        for (text, value), index in zip(answers, free):
+            job.samples[index] = value
+            if self.cache is not None:
+                self.cache.put(job.key, index, text, model=self.plan.config.model)
+
     async def _send(self, job: Job, want: int) -> list[tuple[str, Any]]:
         plan = self.plan
         assert job.prompt is not None
@@ -306,9 +347,10 @@ class Scheduler:
         started = self._clock()
         try:
             completion = await self.client.send(plan.call(job.prompt, want))
-        except APIError as exc:
+        except (APIError, StructuredOutputError) as exc:
             self.budget.settle(cost, 0)
-            self._react_to_error(exc)
+            if isinstance(exc, APIError):
+                self._react_to_error(exc)
             raise
         latency = self._clock() - started
         self._learn(job, want, cost, completion.prompt_tokens, completion.completion_tokens, latency)
@@ -405,6 +447,10 @@ def _is_fatal(exc: Exception, *, setup: bool) -> bool:
     if not setup:
         return False
     return not (exc.status == 400 and (exc.code == "context_length_exceeded" or _ROW_SPECIFIC.search(exc.message)))
+
+
+def _rejects_strategy(exc: APIError) -> bool:
+    return exc.status not in (None, 401, 403, 429) and bool(_STRATEGY_PARAMETER.search(exc.message))
 
 
 def _ema(previous: float, sample: float, weight: float) -> float:

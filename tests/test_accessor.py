@@ -234,3 +234,37 @@ def test_column_names_with_spaces(server):
     df = pd.DataFrame({"source url": ["http://x"], "price $": [3]})
     out = df.llm.generate("See ${source url} for $$${price $}", base_url=server.url)
     assert out["output"].iloc[0] == "echo: See http://x for $3"
+
+
+# -- structured-output strategies ---------------------------------------------------------
+
+_TYPED = {"name": str, "year": int}
+
+
+@pytest.mark.parametrize("strategy", ["tools", "json_schema", "json_object", "prompt"])
+def test_every_strategy_gives_typed_columns(docs, server, strategy):
+    out = docs.llm.extract("Facts:\n${text}", _TYPED, base_url=server.url, structured=strategy)
+    assert out["name"].tolist()[:3] == ["Ada", "Alan", "Alonzo"]
+    assert str(out["year"].dtype) == "Int64" and out["year"].tolist()[:3] == [1815, 1912, 1903]
+    assert out.attrs["llm"]["strategy"] == strategy
+
+
+@pytest.mark.parametrize(
+    ("switches", "chosen"),
+    [
+        ({"supports_tools": False}, "json_schema"),
+        ({"supports_tools": False, "supports_json_schema": False}, "json_object"),
+        (
+            {"supports_tools": False, "supports_json_schema": False, "supports_json_object": False},
+            "prompt",
+        ),
+    ],
+)
+def test_auto_falls_back_once_per_run(docs, server_factory, switches, chosen):
+    server = server_factory(**switches)
+    out = docs.llm.extract("Facts:\n${text}", _TYPED, base_url=server.url, cache=False)
+    assert out.attrs["llm"]["strategy"] == chosen
+    assert out["year"].tolist()[:3] == [1815, 1912, 1903]
+    stats = server.stats()
+    # Each refused strategy costs one request, once per run, not once per row.
+    assert stats["rejected"] == len(switches) and stats["ok"] == 3

@@ -227,3 +227,23 @@ def test_provider_reads_openai_reset_durations():
     )
     assert info.reset_requests == pytest.approx(0.02) and info.reset_tokens == 360
     assert info.wait_after_429() == 60  # capped: a 6-minute reset never freezes a run
+
+
+async def test_auto_strategy_moves_on_when_the_server_ignores_it():
+    class IgnoresTools(ScriptedClient):
+        async def send(self, call):
+            await super().send(call)
+            self.strategies = getattr(self, "strategies", []) + [call.strategy]
+            text = "Sure! Here you go." if call.strategy == "tools" else '{"items": [{"a": "1"}]}'
+            return Completion(texts=(text,), prompt_tokens=1, completion_tokens=1)
+
+    from parrot_pandas.structured import normalize_fields
+
+    config = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", cache=False)
+    plan = RequestPlan(config, normalize_fields(["a"]), strategy="tools")
+    client = IgnoresTools()
+    scheduler = Scheduler(plan, client, RateBudget(), retry_factor=0.0)
+    outcome = await scheduler.run(iter(["x", "y", "z"]), rows=3)
+    assert [job.values for job in outcome] == [[{"a": "1"}]] * 3
+    assert client.strategies == ["tools", "json_schema", "json_schema", "json_schema"]
+    assert scheduler.facts()["strategy"] == "json_schema"
