@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pandas as pd
 
-from .cache import open_cache
-from .client import Client
-from .config import STRUCTURED_STRATEGIES, RunConfig
-from .errors import ConfigurationError, RowsFailedError
-from .events import Listener, RunStats
-from .frame import ERROR_COLUMN, explode
-from .limits import Budget, RateBudget
-from .plan import RequestPlan
-from .progress import progress_listener
-from .providers import provider_for
-from .runner import run_sync
-from .scheduler import Scheduler
-from .structured import Field, normalize_fields
-from .template import PromptTemplate
+from .errors import ConfigurationError
+from .pricing import estimate as _estimate
+from .run import Run, prepare
+from .runner import iterate_sync, run_sync
 
 __all__ = ["LLMAccessor"]
 
@@ -46,8 +35,9 @@ class LLMAccessor:
         model: str | None = None,
         system: str | None = None,
         n: int = 1,
+        chunksize: int | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | Iterator[pd.DataFrame]:
         """Generate text for every row.
 
         Parameters
@@ -64,6 +54,11 @@ class LLMAccessor:
         n : int, default 1
             Samples per row. Identical samples are deduplicated: one output row per
             distinct answer.
+        chunksize : int, optional
+            Stream the result: return an iterator of finished frames of about ``chunksize``
+            input rows each, in input order, with requests flowing across chunk boundaries
+            (for frames too large to hold every answer in memory). Every chunk carries an
+            ``llm_error`` column so all chunks share one schema.
         **options
             Request parameters passed to the API (``temperature``, ``max_tokens``, ``seed``,
             ``top_p``, ``stop``, ``extra_body``, ...) and run settings (``api_key``,
@@ -72,7 +67,7 @@ class LLMAccessor:
 
         Returns
         -------
-        pandas.DataFrame
+        pandas.DataFrame or iterator of pandas.DataFrame
             The input columns, then ``output``; one row per distinct answer, index labels
             kept. Run facts (requests, retries, cached rows, tokens, elapsed seconds) are in
             ``.attrs["llm"]``.
@@ -92,8 +87,8 @@ class LLMAccessor:
         >>> out = df.llm.generate("Summarize: ${text}", output="summary")  # doctest: +SKIP
         >>> df.join(out[["summary"]])  # doctest: +SKIP
         """
-        run = _prepare(self._obj, template, None, output, model, system, n, options)
-        return run_sync(run.execute, running_loop=run.config.running_loop)
+        run = prepare(self._obj, template, None, output, model, system, n, options)
+        return _sync(run, chunksize)
 
     async def agenerate(
         self,
@@ -103,16 +98,22 @@ class LLMAccessor:
         model: str | None = None,
         system: str | None = None,
         n: int = 1,
+        chunksize: int | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | AsyncIterator[pd.DataFrame]:
         """Coroutine version of :meth:`generate`, for code already running in an event loop.
+
+        With ``chunksize`` it returns an async iterator of frames
+        (``async for part in await df.llm.agenerate(..., chunksize=1000)``).
 
         Examples
         --------
         >>> out = await df.llm.agenerate("Summarize: ${text}")  # doctest: +SKIP
         """
-        run = _prepare(self._obj, template, None, output, model, system, n, options)
-        return await run.execute()
+        run = prepare(self._obj, template, None, output, model, system, n, options)
+        if chunksize is None:
+            return await run.execute()
+        return run.chunks(_chunksize(chunksize))
 
     def extract(
         self,
@@ -122,8 +123,9 @@ class LLMAccessor:
         model: str | None = None,
         system: str | None = None,
         n: int = 1,
+        chunksize: int | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | Iterator[pd.DataFrame]:
         """Extract structured objects from every row, one output row per object.
 
         Parameters
@@ -134,13 +136,13 @@ class LLMAccessor:
             The keys of each object: ``["question", "answer"]``, or name -> type
             (``str``, ``int``, ``float``, ``bool``, ``list[str]``, ``Literal[...]``, an Enum,
             ``Optional[...]``), or a pydantic model class. Columns get matching dtypes.
-        model, system, n, **options
+        model, system, n, chunksize, **options
             As in :meth:`generate`. With ``n > 1`` objects repeated across samples are
             deduplicated.
 
         Returns
         -------
-        pandas.DataFrame
+        pandas.DataFrame or iterator of pandas.DataFrame
             The input columns, then one column per field; one row per extracted object. A row
             that yields no object keeps one row with NA fields, so no input row disappears.
 
@@ -151,10 +153,12 @@ class LLMAccessor:
 
         Examples
         --------
-        >>> qa = df.llm.extract("Q/A pairs in: ${text}", fields=["question", "answer"], n=3)  # doctest: +SKIP
+        >>> qa = df.llm.extract(
+        ...     "Q/A pairs in: ${text}", fields=["question", "answer"], n=3
+        ... )  # doctest: +SKIP
         """
-        run = _prepare(self._obj, template, fields, None, model, system, n, options)
-        return run_sync(run.execute, running_loop=run.config.running_loop)
+        run = prepare(self._obj, template, fields, None, model, system, n, options)
+        return _sync(run, chunksize)
 
     async def aextract(
         self,
@@ -164,124 +168,68 @@ class LLMAccessor:
         model: str | None = None,
         system: str | None = None,
         n: int = 1,
+        chunksize: int | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | AsyncIterator[pd.DataFrame]:
         """Coroutine version of :meth:`extract`.
 
         Examples
         --------
-        >>> qa = await df.llm.aextract("Q/A pairs in: ${text}", ["question", "answer"])  # doctest: +SKIP
+        >>> qa = await df.llm.aextract("Q/A in: ${text}", ["question", "answer"])  # doctest: +SKIP
         """
-        run = _prepare(self._obj, template, fields, None, model, system, n, options)
-        return await run.execute()
+        run = prepare(self._obj, template, fields, None, model, system, n, options)
+        if chunksize is None:
+            return await run.execute()
+        return run.chunks(_chunksize(chunksize))
 
+    def estimate(
+        self,
+        template: str,
+        *,
+        fields: Any = None,
+        model: str | None = None,
+        system: str | None = None,
+        n: int = 1,
+        **options: Any,
+    ) -> pd.Series:
+        """What :meth:`generate` (or :meth:`extract`, with ``fields``) would send and cost.
 
-@dataclass(frozen=True)
-class _Run:
-    """A validated run, ready to execute on whichever loop the caller provides."""
+        Renders every prompt exactly as the run would and sends nothing; needs no API key.
 
-    frame: pd.DataFrame
-    template: PromptTemplate
-    plan: RequestPlan
-    fields: tuple[Field, ...]
-    scalar: bool
+        Parameters
+        ----------
+        template, model, system, n, **options
+            As in :meth:`generate`; ``max_tokens`` bounds the completion tokens.
+        fields : optional
+            Estimate :meth:`extract` with these fields instead of :meth:`generate`.
 
-    @property
-    def config(self) -> RunConfig:
-        return self.plan.config
+        Returns
+        -------
+        pandas.Series
+            ``rows``, ``skipped_rows``, ``cached_rows`` (already in the cache for this exact
+            call), ``duplicate_rows`` (sent once, shared), ``requests``, ``prompt_tokens``,
+            ``completion_tokens`` (``None`` without ``max_tokens``), ``cost`` in USD
+            (``None`` when the model's price is unknown: never a guess) and ``tokenizer``.
 
-    async def execute(
-        self, *, budget: Budget | None = None, listeners: Sequence[Listener] = ()
-    ) -> pd.DataFrame:
-        """Run every row and build the output frame.
-
-        ``budget`` replaces the run's own rate budget (e.g. one shared by Dask workers);
-        ``listeners`` receive the scheduler's events next to the run's own.
+        Examples
+        --------
+        >>> df.llm.estimate("Summarize: ${text}", max_tokens=200)  # doctest: +SKIP
         """
-        config = self.config
-        stats = RunStats()
-        listeners = [stats, *listeners]
-        bar = progress_listener(config.progress, total=len(self.frame))
-        if bar is not None:
-            listeners.append(bar)
-        cache = open_cache(config.cache)
-        try:
-            client = Client(
-                provider_for(config),
-                timeout=config.timeout,
-                max_connections=config.max_concurrency,
-                secret=config.api_key,
-            )
-            async with client:
-                scheduler = Scheduler(
-                    self.plan,
-                    client,
-                    budget if budget is not None else RateBudget(rpm=config.rpm, tpm=config.tpm),
-                    cache=cache, listeners=listeners,
-                )
-                outcome = await scheduler.run(self.template.rows(self.frame), rows=len(self.frame))
-        finally:
-            if bar is not None:
-                bar.close()
-            if cache is not None:
-                cache.close()
-        out, errors = explode(
-            self.frame,
-            outcome,
-            self.fields,
-            scalar=self.scalar,
-            with_errors=config.errors == "coerce" or any(
-                job is not None and job.error is not None for job in outcome
-            ),
-        )
-        out.attrs["llm"] = dict(stats.facts)
-        if len(errors) and config.errors == "raise":
-            raise RowsFailedError(out, errors)
-        return out
+        output = None if fields is not None else "output"
+        run = prepare(self._obj, template, fields, output, model, system, n, options, sending=False)
+        return _estimate(run.frame, run.template, run.plan)
 
 
-def _prepare(
-    frame: pd.DataFrame,
-    template: str,
-    fields: Any,
-    output: str | None,
-    model: str | None,
-    system: str | None,
-    n: int,
-    options: dict[str, Any],
-) -> _Run:
-    """Every check that can fail before a request is sent."""
-    config = RunConfig.from_options(model=model, system=system, n=n, **options)
-    prompt = PromptTemplate(template)
-    prompt.check(frame.columns)
-    if output is not None:
-        if not isinstance(output, str) or not output:
-            raise ConfigurationError(f"output must be a non-empty column name, got {output!r}")
-        out_fields = normalize_fields({output: str})
-    else:
-        out_fields = normalize_fields(fields)
-    _check_collisions(frame, [f.name for f in out_fields], from_output=output is not None)
-    if output is not None:
-        plan = RequestPlan(config)
-    else:
-        # "auto" starts with the best strategy; the scheduler falls back at the setup request.
-        first = STRUCTURED_STRATEGIES[0] if config.structured == "auto" else config.structured
-        plan = RequestPlan(config, out_fields, strategy=first)
-    return _Run(frame, prompt, plan, out_fields, scalar=output is not None)
+def _sync(run: Run, chunksize: int | None) -> pd.DataFrame | Iterator[pd.DataFrame]:
+    if chunksize is None:
+        return run_sync(run.execute, running_loop=run.config.running_loop)
+    size = _chunksize(chunksize)
+    return iterate_sync(lambda: run.chunks(size))
 
 
-def _check_collisions(frame: pd.DataFrame, names: list[str], *, from_output: bool) -> None:
-    existing = {str(c) for c in frame.columns}
-    clash = [name for name in names if name in existing]
-    if clash:
-        fix = "pass output='...' with a new name" if from_output else "rename the fields"
+def _chunksize(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(
-            f"output column(s) {clash} already exist in the DataFrame and would be overwritten; "
-            f"{fix}, or drop the column(s) first"
+            f"chunksize must be a positive number of input rows (or None), got {value!r}"
         )
-    if ERROR_COLUMN in existing:
-        raise ConfigurationError(
-            f"the DataFrame already has a column named {ERROR_COLUMN!r}, which parrot_pandas uses "
-            "for per-row errors; rename it first"
-        )
-
+    return value

@@ -11,11 +11,12 @@ the caller's own loop; it is applied only then, and only to that loop.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["run_sync"]
+__all__ = ["iterate_sync", "run_sync"]
 
 T = TypeVar("T")
 
@@ -100,3 +101,87 @@ def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def iterate_sync(make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+    """Iterate an async iterator from synchronous code, one item at a time.
+
+    The async side always runs on a private loop in a worker thread, so it keeps working
+    (requests in flight) while the caller handles the previous item, in a plain script and in
+    a notebook cell alike. It stays at most one item ahead. Leaving the loop early, an
+    exception, or Ctrl-C cancels the async side.
+    """
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    async def hand_over(entry: tuple[str, Any]) -> None:
+        # The consumer may be busy with the previous item: wait without blocking the loop.
+        while not stop.is_set():
+            try:
+                items.put_nowait(entry)
+                return
+            except queue.Full:
+                await asyncio.sleep(0.005)
+
+    async def pump() -> None:
+        outcome["task"] = asyncio.current_task()
+        started.set()
+        source = make()
+        try:
+            async for item in source:
+                await hand_over(("item", item))
+                if stop.is_set():
+                    break
+        finally:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
+
+    def target() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(pump())
+            entry: tuple[str, Any] = ("done", None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            entry = ("error", exc)
+        finally:
+            started.set()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def consume() -> Iterator[T]:
+        thread = threading.Thread(target=target, name="parrot_pandas-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                try:
+                    kind, value = items.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            stop.set()
+            started.wait(1.0)
+            task = outcome.get("task")
+            if task is not None:
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                except RuntimeError:
+                    pass  # already finished
+            thread.join(_CANCEL_GRACE)
+
+    return consume()

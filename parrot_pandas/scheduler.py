@@ -23,14 +23,14 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import backoff
 
 from .cache import ResponseCache
-from .config import STRUCTURED_STRATEGIES
 from .client import Client
+from .config import STRUCTURED_STRATEGIES
 from .errors import APIError, StructuredOutputError
 from .events import (
     Event,
@@ -47,11 +47,12 @@ from .events import (
 from .limits import Budget
 from .plan import RequestPlan
 
-__all__ = ["Job", "Scheduler"]
+__all__ = ["LOOKUP_BATCH", "Job", "Scheduler"]
 
 logger = logging.getLogger("parrot_pandas")
 
-_LOOKUP_BATCH = 256
+# Rows rendered and looked up in the cache together (one SQLite query per batch).
+LOOKUP_BATCH = 256
 # 400s that belong to one row (its prompt), not to the run's configuration.
 _ROW_SPECIFIC = re.compile(
     r"context.{0,20}(length|window)|maximum context|too many tokens|too long|content.?filter",
@@ -176,15 +177,40 @@ class Scheduler:
         # Probing a structured strategy retries only what is plainly transient.
         self._send_probe = retrying(
             giveup=lambda exc: (
-                isinstance(exc, StructuredOutputError) or not exc.retryable or _rejects_strategy(exc)
+                isinstance(exc, StructuredOutputError)
+                or not exc.retryable
+                or _rejects_strategy(exc)
             )
         )(self._send)
         self._probing = config.structured == "auto" and plan.fields is not None
 
     # -- the run -------------------------------------------------------------------------
 
-    async def run(self, prompts: Iterable[str | None], rows: int) -> list[Job | None]:
+    async def run(
+        self,
+        prompts: Iterable[str | None],
+        rows: int,
+        *,
+        outcome: list[Job | None] | None = None,
+        room: Callable[[int], Awaitable[None]] | None = None,
+        dedupe_window: int | None = None,
+    ) -> list[Job | None]:
         """Answer every prompt; return each row's job (``None`` for skipped rows).
+
+        Parameters
+        ----------
+        prompts : iterable
+            Rendered prompts in row order, ``None`` for rows to skip; consumed lazily.
+        rows : int
+            How many there are (for progress).
+        outcome : list, optional
+            Filled in row order as rows are fed, so a caller can stream finished rows.
+        room : coroutine function, optional
+            Awaited with the number of rows fed so far before a worker takes another row:
+            a streaming consumer uses it to keep the run from racing ahead of it.
+        dedupe_window : int, optional
+            Remember only this many distinct prompts for deduplication (bounded memory
+            when streaming); ``None`` remembers every one.
 
         Raises
         ------
@@ -193,13 +219,13 @@ class Scheduler:
             or the key is refused mid-run (401/403). Finished answers stay in the cache.
         """
         self._emit(RunStarted(rows=rows))
-        outcome: list[Job | None] = []
-        feed = self._feed(prompts, outcome)
+        outcome = [] if outcome is None else outcome
+        feed = self._feed(prompts, outcome, dedupe_window)
         try:
             first = next(feed, None)
             if first is not None:
                 await self._process(first, setup=True)
-                await self._run_workers(feed)
+                await self._run_workers(feed, outcome, room)
             else:
                 # Every row was cached or skipped: drain the generator's bookkeeping.
                 for _ in feed:
@@ -210,9 +236,15 @@ class Scheduler:
             self._emit(RunFinished(self.facts()))
         return outcome
 
-    async def _run_workers(self, feed: Iterator[Job]) -> None:
+    async def _run_workers(
+        self,
+        feed: Iterator[Job],
+        outcome: list[Job | None],
+        room: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
         workers = [
-            asyncio.create_task(self._worker(feed)) for _ in range(self._max_concurrency)
+            asyncio.create_task(self._worker(feed, outcome, room))
+            for _ in range(self._max_concurrency)
         ]
         try:
             done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
@@ -224,10 +256,20 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _worker(self, feed: Iterator[Job]) -> None:
+    async def _worker(
+        self,
+        feed: Iterator[Job],
+        outcome: list[Job | None],
+        room: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
         # Every worker pulls from the same lazy feed: rows are rendered only as they are needed,
         # and a slow request never holds back the others (no fixed chunks).
-        for job in feed:
+        while True:
+            if room is not None:
+                await room(len(outcome))
+            job = next(feed, None)
+            if job is None:
+                return
             async with self._gate:
                 await self._process(job)
 
@@ -244,7 +286,9 @@ class Scheduler:
 
     # -- feeding -------------------------------------------------------------------------
 
-    def _feed(self, prompts: Iterable[str | None], outcome: list[Job | None]) -> Iterator[Job]:
+    def _feed(
+        self, prompts: Iterable[str | None], outcome: list[Job | None], window: int | None
+    ) -> Iterator[Job]:
         by_key: dict[str, Job] = {}
         batch: list[Job] = []
         for prompt in prompts:
@@ -265,9 +309,13 @@ class Scheduler:
                     self._emit(RowsDone(rows=1, cached=job.cached))
                 continue
             job = by_key[key] = Job(key, prompt)
+            if window is not None and len(by_key) > window:
+                # Forget the oldest prompt (dicts keep insertion order); a later duplicate of it
+                # is then answered by the cache instead of by sharing.
+                del by_key[next(iter(by_key))]
             outcome.append(job)
             batch.append(job)
-            if len(batch) >= _LOOKUP_BATCH:
+            if len(batch) >= LOOKUP_BATCH:
                 yield from self._lookup(batch)
                 batch = []
         yield from self._lookup(batch)
@@ -321,19 +369,23 @@ class Scheduler:
             except StructuredOutputError as exc:
                 if last:
                     raise
-                logger.info("structured=%r gave no usable answer (%s); trying the next", strategy, exc)
+                logger.info(
+                    "structured=%r gave no usable answer (%s); trying the next", strategy, exc
+                )
                 continue
             except APIError as exc:
                 if last or not _rejects_strategy(exc):
                     raise
-                logger.info("structured=%r refused by the server (%s); trying the next", strategy, exc)
+                logger.info(
+                    "structured=%r refused by the server (%s); trying the next", strategy, exc
+                )
                 continue
             self._keep(job, answers)
             return
 
     def _keep(self, job: Job, answers: list[tuple[str, Any]]) -> None:
         free = (i for i in range(self._n) if i not in job.samples)
-        for (text, value), index in zip(answers, free):
+        for (text, value), index in zip(answers, free, strict=False):
             job.samples[index] = value
             if self.cache is not None:
                 self.cache.put(job.key, index, text, model=self.plan.config.model)
@@ -353,7 +405,9 @@ class Scheduler:
                 self._react_to_error(exc)
             raise
         latency = self._clock() - started
-        self._learn(job, want, cost, completion.prompt_tokens, completion.completion_tokens, latency)
+        self._learn(
+            job, want, cost, completion.prompt_tokens, completion.completion_tokens, latency
+        )
         self.budget.observe(completion.limits)
         self._emit(RequestDone(completion.prompt_tokens, completion.completion_tokens, latency))
         answers: list[tuple[str, Any]] = []
@@ -378,7 +432,13 @@ class Scheduler:
             self.budget.pause(exc.retry_after)
 
     def _learn(
-        self, job: Job, want: int, cost: int, prompt_tokens: int, completion_tokens: int, latency: float
+        self,
+        job: Job,
+        want: int,
+        cost: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency: float,
     ) -> None:
         reserved = want * (self._max_output or 0)
         # Providers count prompt + max_tokens at admission; without max_tokens, what was produced.
@@ -446,7 +506,10 @@ def _is_fatal(exc: Exception, *, setup: bool) -> bool:
         return True  # the key is refused: no other row can succeed
     if not setup:
         return False
-    return not (exc.status == 400 and (exc.code == "context_length_exceeded" or _ROW_SPECIFIC.search(exc.message)))
+    return not (
+        exc.status == 400
+        and (exc.code == "context_length_exceeded" or _ROW_SPECIFIC.search(exc.message))
+    )
 
 
 def _rejects_strategy(exc: APIError) -> bool:
