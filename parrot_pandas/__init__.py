@@ -18,6 +18,7 @@ from .errors import (
     RowsFailedError,
     StructuredOutputError,
 )
+from .pricing import Price, count_tokens, price_of, set_price
 
 __version__ = "0.1.0"
 
@@ -27,9 +28,13 @@ __all__ = [
     "ConfigurationError",
     "LLMAccessor",
     "ParrotError",
+    "Price",
     "RowsFailedError",
     "StructuredOutputError",
     "__version__",
     "cache_info",
     "clear_cache",
+    "count_tokens",
+    "price_of",
+    "set_price",
 ]

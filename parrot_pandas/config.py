@@ -124,6 +124,7 @@ class RunConfig:
         model: str | None = None,
         system: str | None = None,
         n: int = 1,
+        need_key: bool = True,
         **options: Any,
     ) -> RunConfig:
         """Validate keyword options and fill the rest from the environment.
@@ -178,7 +179,7 @@ class RunConfig:
             raise ConfigurationError(
                 f"base_url is not a valid URL ({exc}): {redact_url(base_url)!r}"
             ) from None
-        if api_key is None and url.hostname == _OPENAI_HOST:
+        if api_key is None and need_key and url.hostname == _OPENAI_HOST:
             raise ConfigurationError(
                 "no API key: set the OPENAI_API_KEY environment variable or pass api_key=..., "
                 "or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"

@@ -13,8 +13,9 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .cache import request_key
+from .cache import key_function
 from .config import RunConfig
+from .pricing import approximate_tokens
 from .providers import Call
 from .structured import Field, dedupe_items, items_schema, parse_items, schema_instructions
 
@@ -45,8 +46,8 @@ class RequestPlan:
         return items_schema(self.fields) if self.fields is not None else None
 
     @cached_property
-    def _schema_chars(self) -> int:
-        return len(json.dumps(self.schema)) if self.schema is not None else 0
+    def _schema_tokens(self) -> int:
+        return approximate_tokens(json.dumps(self.schema)) if self.schema is not None else 0
 
     def with_strategy(self, strategy: str) -> RequestPlan:
         """The same plan asking for structured answers another way."""
@@ -68,15 +69,18 @@ class RequestPlan:
         left out on purpose: any strategy's valid answer to the same schema serves, so a
         fallback in one run does not void the cache.
         """
-        return request_key(
-            {
-                "base_url": _public_url(self.config.base_url),
-                "model": self.config.model,
-                "messages": list(_chat(self.config.system, prompt)),
-                "params": self.config.request_params,
-                "schema": self.schema,
-            }
-        )
+        return self._key(list(_chat(self.config.system, prompt)))
+
+    @cached_property
+    def _key(self) -> Callable[[Any], str]:
+        # Everything but the messages is the same for every row: encoded once per run.
+        fixed = {
+            "base_url": _public_url(self.config.base_url),
+            "model": self.config.model,
+            "params": self.config.request_params,
+            "schema": self.schema,
+        }
+        return key_function(fixed, "messages")
 
     def call(self, prompt: str, n: int) -> Call:
         """The request asking ``n`` samples for ``prompt``."""
@@ -90,10 +94,11 @@ class RequestPlan:
         )
 
     def cost(self, prompt: str, n: int, prompt_ratio: float = 1.0) -> int:
-        """Tokens the provider counts against the limit before answering: prompt + n * max_tokens."""
+        """Tokens the provider counts against the limit on admission: prompt + n * max_tokens."""
         # Providers count the tool / response-format schema as prompt tokens too.
-        size = sum(len(m["content"]) for m in self.messages(prompt)) + self._schema_chars
-        return math.ceil(size / 4 * prompt_ratio) + n * (self.config.max_output_tokens or 0)
+        tokens = sum(approximate_tokens(m["content"]) for m in self.messages(prompt))
+        tokens += self._schema_tokens
+        return math.ceil(tokens * prompt_ratio) + n * (self.config.max_output_tokens or 0)
 
     @property
     def parse(self) -> Callable[[str], Any]:

@@ -1,0 +1,186 @@
+"""estimate(): rows, requests and tokens before a run, checked against the run itself."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pandas as pd
+import pytest
+
+from parrot_pandas import pricing
+from parrot_pandas.accessor import LLMAccessor
+from parrot_pandas.cache import ResponseCache, default_cache_path
+from parrot_pandas.pricing import approximate_tokens
+from parrot_pandas.run import prepare
+
+COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
+
+
+def estimate_of(frame: pd.DataFrame, template: str, *, fields=None, **options) -> pd.Series:
+    """``frame.llm.estimate(...)``; built from the accessor's own run until that is wired."""
+    if hasattr(LLMAccessor, "estimate"):
+        return frame.llm.estimate(template, fields=fields, **options)
+    model, system, n = options.pop("model", None), options.pop("system", None), options.pop("n", 1)
+    output = None if fields is not None else "output"
+    run = prepare(frame, template, fields, output, model, system, n, options)
+    return pricing.estimate(run.frame, run.template, run.plan)
+
+
+@pytest.fixture(autouse=True)
+def _approximate_tokens(monkeypatch: pytest.MonkeyPatch):
+    # FakeServer counts ceil(len / 4) per message and per schema: so does the fallback.
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    pricing._reset_tokenizers()
+    yield
+    pricing._reset_tokenizers()
+
+
+@pytest.fixture
+def repeats() -> pd.DataFrame:
+    """Duplicated and missing values, a non-default index."""
+    return pd.DataFrame(
+        {"t": ["tea", "coffee", "tea", None, "tea", "water", "coffee"]},
+        index=[10, 11, 12, 13, 14, 15, 16],
+    )
+
+
+def test_duplicates_and_missing_values_send_nothing(repeats, server):
+    est = estimate_of(repeats, "Describe ${t}", base_url=server.url, max_tokens=20)
+    assert server.stats()["requests"] == 0
+    assert est.name == "estimate"
+    assert est[list(COUNTS) + ["duplicate_rows"]].tolist() == [7, 1, 0, 3, 3]
+    parts = ("skipped_rows", "cached_rows", "duplicate_rows", "requests")
+    assert est["rows"] == sum(est[k] for k in parts)
+    distinct = ["Describe tea", "Describe coffee", "Describe water"]
+    assert est["prompt_tokens"] == sum(approximate_tokens(p) for p in distinct)
+    assert est["completion_tokens"] == 3 * 20
+    expected = est["prompt_tokens"] * 0.15 / 1e6 + 60 * 0.60 / 1e6
+    assert est["cost"] == pytest.approx(expected)
+    assert est["prompt_cost"] == pytest.approx(est["prompt_tokens"] * 0.15 / 1e6)
+    assert est["model"] == "gpt-4o-mini"
+    assert est["tokenizer"] == "approximate: 4 characters a token"
+
+
+def test_generate_estimate_agrees_with_the_run(repeats, server):
+    options = dict(base_url=server.url, system="Answer in one word.", max_tokens=8, n=2)
+    est = estimate_of(repeats, "Describe ${t}", **options)
+    out = repeats.llm.generate("Describe ${t}", **options)
+    facts = out.attrs["llm"]
+    assert [est[k] for k in COUNTS] == [facts[k] for k in COUNTS]
+    assert est["prompt_tokens"] == facts["prompt_tokens"]  # system message included
+    assert est["completion_tokens"] == 3 * 2 * 8 >= facts["completion_tokens"]
+
+
+def test_extract_estimate_counts_the_tool_schema_as_the_server_does(docs, server):
+    fields = {"name": str, "year": int}
+    est = estimate_of(docs, "Facts:\n${text}", fields=fields, base_url=server.url)
+    out = docs.llm.extract("Facts:\n${text}", fields, base_url=server.url)
+    facts = out.attrs["llm"]
+    assert facts["strategy"] == "tools"
+    assert [est[k] for k in COUNTS] == [facts[k] for k in COUNTS] == [4, 1, 0, 3]
+    assert est["prompt_tokens"] == facts["prompt_tokens"]
+    # Without max_tokens nothing bounds the answers: no completion count, no total cost.
+    assert est["completion_tokens"] is None and est["cost"] is None
+    assert est["prompt_cost"] > 0
+
+
+def test_cached_rows_need_no_request(docs, server):
+    docs.iloc[:2].llm.generate("Say: ${text}", base_url=server.url)
+    est = estimate_of(docs, "Say: ${text}", base_url=server.url)
+    assert [est[k] for k in COUNTS] == [4, 1, 2, 1]
+    assert est["prompt_tokens"] == approximate_tokens("Say: no facts here")
+    out = docs.llm.generate("Say: ${text}", base_url=server.url)
+    assert [est[k] for k in COUNTS] == [out.attrs["llm"][k] for k in COUNTS]
+    # Everything is cached now.
+    again = estimate_of(docs, "Say: ${text}", base_url=server.url)
+    assert [again[k] for k in COUNTS] == [4, 1, 3, 0]
+    assert again["prompt_tokens"] == 0 and again["prompt_cost"] == 0
+    # Request parameters are part of the cache key: another max_tokens is another call.
+    other = estimate_of(docs, "Say: ${text}", base_url=server.url, max_tokens=5)
+    assert other["cached_rows"] == 0 and other["requests"] == 3
+
+
+def test_only_missing_samples_are_counted(docs, server):
+    options = dict(base_url=server.url, max_tokens=10)
+    docs.iloc[:2].llm.generate("Say: ${title}", **options)  # sample 0 of a and b
+    est = estimate_of(docs, "Say: ${title}", n=3, **options)
+    assert est["cached_rows"] == 0 and est["requests"] == 4
+    assert est["completion_tokens"] == (2 + 2 + 3 + 3) * 10
+    out = docs.llm.generate("Say: ${title}", n=3, **options)
+    assert out.attrs["llm"]["requests"] == 4
+    assert out.attrs["llm"]["completion_tokens"] <= est["completion_tokens"]
+
+
+def test_refresh_and_no_cache_count_every_row(docs, server):
+    docs.llm.generate("${title}", base_url=server.url)
+    assert estimate_of(docs, "${title}", base_url=server.url)["cached_rows"] == 4
+    assert estimate_of(docs, "${title}", base_url=server.url, refresh=True)["requests"] == 4
+    assert estimate_of(docs, "${title}", base_url=server.url, cache=False)["requests"] == 4
+
+
+def test_an_estimate_creates_no_cache_file(docs, server, tmp_path):
+    path = tmp_path / "never.sqlite3"
+    est = estimate_of(docs, "${title}", base_url=server.url, cache=str(path))
+    assert est["requests"] == 4
+    assert not path.exists() and not default_cache_path().exists()
+    estimate_of(docs, "${title}", base_url=server.url)
+    assert not default_cache_path().exists()
+
+
+def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
+    fields = ["name", "year"]
+    run = prepare(docs, "${text}", fields, None, None, None, 1, {"base_url": server.url})
+    with ResponseCache(default_cache_path()) as cache:
+        cache.put(run.plan.key("no facts here"), 0, "not json at all", model="gpt-4o-mini")
+        cache.put(run.plan.key("name=Ada, year=1815"), 0, json.dumps({"items": []}), model="m")
+    est = estimate_of(docs, "${text}", fields=fields, base_url=server.url)
+    assert est["cached_rows"] == 1 and est["requests"] == 2
+    out = docs.llm.extract("${text}", fields, base_url=server.url)
+    assert [est[k] for k in COUNTS] == [out.attrs["llm"][k] for k in COUNTS]
+
+
+def test_duplicates_across_lookup_batches(monkeypatch, server):
+    monkeypatch.setattr(pricing, "_LOOKUP_BATCH", 2)
+    df = pd.DataFrame({"t": list("abcabcdd") + [None]})
+    df.iloc[[0, 4]].llm.generate("${t}", base_url=server.url)  # a and b are cached
+    est = estimate_of(df, "${t}", base_url=server.url)
+    assert est[list(COUNTS) + ["duplicate_rows"]].tolist() == [9, 1, 4, 2, 2]
+    out = df.llm.generate("${t}", base_url=server.url)
+    assert [est[k] for k in COUNTS] == [out.attrs["llm"][k] for k in COUNTS]
+
+
+def test_unknown_price_gives_no_cost(docs, server):
+    est = estimate_of(docs, "${title}", base_url=server.url, model="my-local-llama", max_tokens=5)
+    assert est["prompt_tokens"] > 0 and est["completion_tokens"] == 4 * 5
+    assert est["cost"] is None and est["prompt_cost"] is None
+
+
+def test_empty_frame():
+    empty = pd.DataFrame({"t": pd.Series([], dtype=object)})
+    est = estimate_of(empty, "${t}", api_key="sk-test", max_tokens=5)
+    assert est[list(COUNTS)].tolist() == [0, 0, 0, 0] and est["cost"] == 0.0
+
+
+def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
+    class Words:
+        name = "o200k_base"
+
+        def encode_ordinary(self, text: str) -> list[int]:
+            return list(range(len(text.split())))
+
+    module = types.ModuleType("tiktoken")
+    module.encoding_name_for_model = lambda model: "o200k_base"  # type: ignore[attr-defined]
+    module.get_encoding = lambda name: Words()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tiktoken", module)
+    pricing._reset_tokenizers()
+    one = docs.iloc[:1]  # "name=Ada, year=1815": two words
+    est = estimate_of(one, "${text}", api_key="sk-test", cache=False)
+    assert est["tokenizer"] == "tiktoken:o200k_base"
+    assert est["prompt_tokens"] == 3 + (3 + 1 + 2)  # priming; wrapping + role + content
+    fields = ["name"]
+    extract = estimate_of(one, "${text}", fields=fields, api_key="sk-test", cache=False)
+    run = prepare(one, "${text}", fields, None, None, None, 1, {"api_key": "sk-test"})
+    schema_words = len(json.dumps(run.plan.schema).split())
+    assert extract["prompt_tokens"] == est["prompt_tokens"] + pricing._TOOL_OVERHEAD + schema_words
