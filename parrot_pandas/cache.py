@@ -41,6 +41,7 @@ __all__ = [
     "clear_cache",
     "default_cache_path",
     "open_cache",
+    "key_function",
     "request_key",
 ]
 
@@ -91,7 +92,44 @@ def request_key(payload: Mapping[str, Any]) -> str:
     True
     """
     _reject_credentials(payload, "payload")
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _digest(_canonical(payload))
+
+
+def key_function(fixed: Mapping[str, Any], varying: str) -> Callable[[Any], str]:
+    """A fast :func:`request_key` for many payloads that differ in one field only.
+
+    ``key_function(fixed, "messages")(m) == request_key({**fixed, "messages": m})``, but the
+    fixed part is checked for credentials and encoded once, not once per row.
+
+    Examples
+    --------
+    >>> key = key_function({"model": "m", "params": {}}, "messages")
+    >>> key(["hi"]) == request_key({"model": "m", "params": {}, "messages": ["hi"]})
+    True
+    """
+    _reject_credentials(fixed, "payload")
+    names = sorted([*fixed, varying])
+    cut = names.index(varying)
+
+    def member(name: str) -> str:
+        return f"{_canonical(name)}:{_canonical(fixed[name])}"
+
+    before = "".join(member(name) + "," for name in names[:cut])
+    after = "".join("," + member(name) for name in names[cut + 1 :])
+    head = "{" + before + _canonical(varying) + ":"
+    tail = after + "}"
+
+    def key(value: Any) -> str:
+        return _digest(head + _canonical(value) + tail)
+
+    return key
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _digest(text: str) -> str:
     # Text from a DataFrame can hold lone surrogates; they must hash, not crash.
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 

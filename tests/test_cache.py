@@ -657,3 +657,20 @@ def test_open_cache_with_a_path(tmp_path, as_type):
 def test_open_cache_rejects_anything_else(setting):
     with pytest.raises(ConfigurationError, match="cache must be True, False or a path, got"):
         open_cache(setting)
+
+
+def test_key_function_matches_request_key_for_every_field_position():
+    from parrot_pandas.cache import key_function
+
+    fixed = {"base_url": "http://h/v1", "model": "m", "params": {"b": 1, "a": [1, 2]}, "schema": None}
+    for varying in ("aaa", "messages", "zzz", "params2"):
+        key = key_function(fixed, varying)
+        for value in (["x"], [{"role": "user", "content": "é \ud800"}], None, {"k": 1}):
+            assert key(value) == request_key({**fixed, varying: value})
+
+
+def test_key_function_rejects_credentials_in_the_fixed_part():
+    from parrot_pandas.cache import key_function
+
+    with pytest.raises(ValueError, match="credential"):
+        key_function({"params": {"api_key": "sk-x"}}, "messages")
