@@ -1,0 +1,173 @@
+"""Where scenario 1's CPU goes: a waterfall of in-process patches, each removing one cost.
+
+A diagnostic, not a benchmark: every step monkeypatches parrot_pandas (or aiohttp) *in the
+child process only* to show how much CPU one mechanism costs per 1,000 rows. The steps are
+cumulative; each step's saving is what a library fix of that mechanism could win. It reaches
+into current internals by name, so it may need updating when they change.
+
+    python benchmarks/diagnose_overhead.py            # 3,000 rows, median of 5 runs per step
+    python benchmarks/diagnose_overhead.py --rows 1000 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as bench  # noqa: E402  (benchmarks/run.py: server, payloads, bare loop)
+
+STEPS = [
+    ("bare", "bare aiohttp loop (trust_env=False, the aiohttp default)"),
+    ("bare+trust", "bare aiohttp loop with trust_env=True"),
+    ("parrot", "parrot_pandas as is"),
+    ("parrot+notrust", "  - aiohttp trust_env=False (proxy/netrc looked up per request)"),
+    ("parrot+notrust+nokey", "  - dedupe by prompt, no per-row request_key()"),
+    ("parrot+notrust+nokey+nobackoff", "  - no backoff wrapper around the first attempt"),
+    ("parrot+notrust+nokey+nobackoff+nobudget", "  - no budget lock / gate when unlimited"),
+    ("parrot+notrust+nokey+nobackoff+nobudget+nolimits", "  - no rate-limit header parsing"),
+    ("parrot+notrust+nokey+nobackoff+nobudget+nolimits+nolearn",
+     "  - no per-response _learn/_resize and events"),
+]  # fmt: skip
+
+
+def _patch(opts: set[str]) -> None:
+    import aiohttp
+
+    if "trust" in opts or "notrust" in opts:
+        original = aiohttp.ClientSession.__init__
+
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            kwargs["trust_env"] = "trust" in opts
+            original(self, *args, **kwargs)
+
+        aiohttp.ClientSession.__init__ = init  # type: ignore[method-assign]
+    if "parrot" not in opts:
+        return
+    from parrot_pandas import plan, scheduler
+
+    if "nokey" in opts:
+        plan.RequestPlan.key = lambda self, prompt: prompt  # type: ignore[method-assign]
+    if "nobackoff" in opts:
+        init_scheduler = scheduler.Scheduler.__init__
+
+        def sinit(self: Any, *args: Any, **kwargs: Any) -> None:
+            init_scheduler(self, *args, **kwargs)
+            self._send_with_retries = self._send
+
+        scheduler.Scheduler.__init__ = sinit  # type: ignore[method-assign]
+    if "nobudget" in opts:
+        from parrot_pandas import limits
+
+        async def acquire(self: Any, tokens: int = 0) -> None:
+            self._note_cost(tokens)
+
+        limits.RateBudget.acquire = acquire  # type: ignore[method-assign]
+
+        class _NoGate:
+            limit = bench.CONCURRENCY
+
+            async def __aenter__(self) -> None:
+                pass
+
+            async def __aexit__(self, *exc: object) -> None:
+                pass
+
+            def resize(self, limit: int) -> None:
+                pass
+
+        init_gate = scheduler.Scheduler.__init__
+
+        def ginit(self: Any, *args: Any, **kwargs: Any) -> None:
+            init_gate(self, *args, **kwargs)
+            self._gate = _NoGate()
+
+        scheduler.Scheduler.__init__ = ginit  # type: ignore[method-assign]
+    if "nolimits" in opts:
+        from parrot_pandas.limits import LimitInfo
+        from parrot_pandas.providers import openai
+
+        empty = LimitInfo()
+        openai.OpenAIProvider.limits = lambda self, headers: empty  # type: ignore[method-assign]
+    if "nolearn" in opts:
+        scheduler.Scheduler._learn = lambda self, *args: None  # type: ignore[method-assign]
+        emit = scheduler.Scheduler._emit
+        from parrot_pandas.events import RequestDone, RequestSent
+
+        def quiet(self: Any, event: Any) -> None:
+            if not isinstance(event, (RequestSent, RequestDone)):
+                emit(self, event)
+
+        scheduler.Scheduler._emit = quiet  # type: ignore[method-assign]
+
+
+def child(variant: str, url: str, rows: int, reps: int) -> dict[str, Any]:
+    opts = set(variant.split("+"))
+    _patch(opts)
+    import pandas as pd
+
+    import parrot_pandas  # noqa: F401
+
+    texts = bench.short_texts(rows)
+    warm = bench.short_texts(100)
+    if "parrot" in opts:
+        df = pd.DataFrame({"text": texts})
+        bench._generate(pd.DataFrame({"text": warm}), url, cache=False)
+
+        def call() -> Any:
+            return bench._generate(df, url, cache=False)
+
+    else:
+        asyncio.run(bench._bare_loop(url, warm, bench.CONCURRENCY))
+
+        def call() -> Any:
+            return asyncio.run(bench._bare_loop(url, texts, bench.CONCURRENCY))
+
+    cpu = []
+    for _ in range(reps):
+        start = time.process_time()
+        call()
+        cpu.append(time.process_time() - start)
+    return {"variant": variant, "cpu_per_1k": statistics.median(cpu) / rows * 1000}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(child(args.variant, args.url, args.rows, args.reps)))
+        return 0
+    results: dict[str, float] = {}
+    with bench.Server() as srv:
+        for variant, _label in STEPS:
+            cmd = [sys.executable, __file__, "--variant", variant, "--url", srv.url,
+                   "--rows", str(args.rows), "--reps", str(args.reps)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, env=bench._env())
+            if out.returncode:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            results[variant] = json.loads(out.stdout.splitlines()[-1])["cpu_per_1k"]
+    bare = results["bare"]
+    print(f"{args.rows:,} rows, {bench.CONCURRENCY} concurrent, median of {args.reps}\n")
+    print("| step | CPU s / 1k rows | vs bare |")
+    print("|---|---|---|")
+    for variant, label in STEPS:
+        print(f"| {label} | {results[variant]:.3f} | {results[variant] / bare:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
