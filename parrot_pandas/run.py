@@ -148,8 +148,11 @@ class Run:
                         break
                     changed.clear()
                     waiter = asyncio.ensure_future(changed.wait())
-                    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    try:
+                        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                        await asyncio.gather(waiter, return_exceptions=True)
                 await task  # raises the run's own error, if any
             finally:
                 if not task.done():

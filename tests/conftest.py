@@ -12,7 +12,9 @@ from parrot_pandas.testing import FakeServer
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _clean_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     # Tests never see the developer's key or server, and never touch the user's cache.
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PARROT_PANDAS_MODEL"):
         monkeypatch.delenv(name, raising=False)

@@ -13,7 +13,12 @@ def test_generate_keeps_input_columns_index_and_order(docs, server):
     assert list(out.columns) == ["title", "text", "said"]
     assert list(out.index) == ["a", "b", "c", "d"]
     assert out.index.name == "doc"
-    assert out["said"].tolist() == ["echo: Say: Ada", "echo: Say: Alan", "echo: Say: Grace", "echo: Say: Edsger"]
+    assert out["said"].tolist() == [
+        "echo: Say: Ada",
+        "echo: Say: Alan",
+        "echo: Say: Grace",
+        "echo: Say: Edsger",
+    ]
     assert "said" not in docs.columns  # the input is never modified
     facts = out.attrs["llm"]
     assert facts["requests"] == 4 and facts["rows"] == 4 and facts["failed_rows"] == 0
@@ -71,7 +76,9 @@ def test_extract_with_field_names_and_samples(docs, server):
 
 def test_multiindex_and_duplicate_labels_are_kept(server):
     index = pd.MultiIndex.from_tuples([("x", 1), ("x", 1), ("y", 2)], names=["k", "v"])
-    df = pd.DataFrame({"facts": ["name=A, year=1", "name=B, year=2\nname=C, year=3", "none"]}, index=index)
+    df = pd.DataFrame(
+        {"facts": ["name=A, year=1", "name=B, year=2\nname=C, year=3", "none"]}, index=index
+    )
     out = df.llm.extract("${facts}", {"name": str, "year": int}, base_url=server.url)
     assert list(out.index) == [("x", 1), ("x", 1), ("x", 1), ("y", 2)]
     assert out["name"].tolist()[:3] == ["A", "B", "C"]
@@ -86,9 +93,14 @@ def test_empty_frame_returns_empty_frame_with_output_columns(server):
 
 
 def test_non_string_values_render_with_str(server):
-    df = pd.DataFrame({"n": [1, 2.5], "when": pd.to_datetime(["2024-01-02", "2024-03-04"]), "l": [[1], ["a"]]})
+    df = pd.DataFrame(
+        {"n": [1, 2.5], "when": pd.to_datetime(["2024-01-02", "2024-03-04"]), "l": [[1], ["a"]]}
+    )
     out = df.llm.generate("${n} ${when} ${l}", base_url=server.url)
-    assert out["output"].tolist() == ["echo: 1.0 2024-01-02 00:00:00 [1]", "echo: 2.5 2024-03-04 00:00:00 ['a']"]
+    assert out["output"].tolist() == [
+        "echo: 1.0 2024-01-02 00:00:00 [1]",
+        "echo: 2.5 2024-03-04 00:00:00 ['a']",
+    ]
 
 
 async def test_agenerate_and_aextract_run_on_the_callers_loop(docs, server):
@@ -103,7 +115,9 @@ async def test_agenerate_and_aextract_run_on_the_callers_loop(docs, server):
 
 @pytest.mark.slow
 def test_600_rows_survive_faults_complete_and_correct(server_factory):
-    server = server_factory(fail_rate=0.05, drop_rate=0.02, malformed_rate=0.05, latency=0.01, seed=7)
+    server = server_factory(
+        fail_rate=0.05, drop_rate=0.02, malformed_rate=0.05, latency=0.01, seed=7
+    )
     df = pd.DataFrame({"facts": [f"name=n{i}, year={1000 + i}" for i in range(600)]})
     out = df.llm.extract("Facts:\n${facts}", {"name": str, "year": int}, base_url=server.url)
     assert len(out) == 600
@@ -179,7 +193,9 @@ def test_rerun_is_served_from_the_cache(docs, server):
     assert server.stats()["requests"] == sent  # nothing new was sent
     pd.testing.assert_frame_equal(first, second, check_like=False)
     assert second.attrs["llm"]["cached_rows"] == 3 and second.attrs["llm"]["requests"] == 0
-    third = docs.llm.extract("${text}", {"name": str, "year": int}, base_url=server.url, refresh=True)
+    third = docs.llm.extract(
+        "${text}", {"name": str, "year": int}, base_url=server.url, refresh=True
+    )
     assert third.attrs["llm"]["requests"] == 3
 
 
@@ -210,7 +226,10 @@ def test_api_key_never_reaches_cache_attrs_or_repr(docs, server_factory, tmp_pat
         (lambda df, url: df.llm.generate("${title}", output="text", base_url=url), "already exist"),
         (lambda df, url: df.llm.generate("${title}", n=0, base_url=url), "n must be"),
         (lambda df, url: df.llm.generate("${title}", temprature=1, base_url=url), "temperature"),
-        (lambda df, url: df.llm.generate("${title}", errors="ignore", base_url=url), "errors must be"),
+        (
+            lambda df, url: df.llm.generate("${title}", errors="ignore", base_url=url),
+            "errors must be",
+        ),
         (lambda df, url: df.llm.extract("${title}", [], base_url=url), "empty"),
         (lambda df, url: df.llm.extract("${title}", ["a", "a"], base_url=url), "given twice"),
         (lambda df, url: df.llm.extract("${title}", "question", base_url=url), "question"),
@@ -227,7 +246,9 @@ def test_missing_column_error_names_missing_and_available(docs, server):
     with pytest.raises(ConfigurationError) as info:
         docs.llm.generate("${titel} ${body}", base_url=server.url)
     text = str(info.value)
-    assert "titel" in text and "body" in text and "'title'" in text and "did you mean ${title}" in text
+    assert (
+        "titel" in text and "body" in text and "'title'" in text and "did you mean ${title}" in text
+    )
 
 
 def test_column_names_with_spaces(server):

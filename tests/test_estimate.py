@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from parrot_pandas import pricing
-from parrot_pandas.accessor import LLMAccessor
 from parrot_pandas.cache import ResponseCache, default_cache_path
 from parrot_pandas.pricing import approximate_tokens
 from parrot_pandas.run import prepare
@@ -19,13 +18,7 @@ COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
 
 
 def estimate_of(frame: pd.DataFrame, template: str, *, fields=None, **options) -> pd.Series:
-    """``frame.llm.estimate(...)``; built from the accessor's own run until that is wired."""
-    if hasattr(LLMAccessor, "estimate"):
-        return frame.llm.estimate(template, fields=fields, **options)
-    model, system, n = options.pop("model", None), options.pop("system", None), options.pop("n", 1)
-    output = None if fields is not None else "output"
-    run = prepare(frame, template, fields, output, model, system, n, options)
-    return pricing.estimate(run.frame, run.template, run.plan)
+    return frame.llm.estimate(template, fields=fields, **options)
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +152,7 @@ def test_unknown_price_gives_no_cost(docs, server):
 
 def test_empty_frame():
     empty = pd.DataFrame({"t": pd.Series([], dtype=object)})
-    est = estimate_of(empty, "${t}", api_key="sk-test", max_tokens=5)
+    est = estimate_of(empty, "${t}", max_tokens=5)
     assert est[list(COUNTS)].tolist() == [0, 0, 0, 0] and est["cost"] == 0.0
 
 
@@ -176,11 +169,19 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     monkeypatch.setitem(sys.modules, "tiktoken", module)
     pricing._reset_tokenizers()
     one = docs.iloc[:1]  # "name=Ada, year=1815": two words
-    est = estimate_of(one, "${text}", api_key="sk-test", cache=False)
+    est = estimate_of(one, "${text}", cache=False)
     assert est["tokenizer"] == "tiktoken:o200k_base"
     assert est["prompt_tokens"] == 3 + (3 + 1 + 2)  # priming; wrapping + role + content
     fields = ["name"]
-    extract = estimate_of(one, "${text}", fields=fields, api_key="sk-test", cache=False)
+    extract = estimate_of(one, "${text}", fields=fields, cache=False)
     run = prepare(one, "${text}", fields, None, None, None, 1, {"api_key": "sk-test"})
     schema_words = len(json.dumps(run.plan.schema).split())
     assert extract["prompt_tokens"] == est["prompt_tokens"] + pricing._TOOL_OVERHEAD + schema_words
+
+
+def test_estimate_needs_no_key_and_sends_nothing(docs, monkeypatch):
+    # Pointed at the real OpenAI URL with no key: an estimate is still fine, a run is not.
+    est = docs.llm.estimate("${title}", model="gpt-4o-mini", max_tokens=10)
+    assert est["rows"] == 4 and est["requests"] == 4 and est["cost"] is not None
+    with pytest.raises(Exception, match="no API key"):
+        docs.llm.generate("${title}")

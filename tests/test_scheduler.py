@@ -20,7 +20,9 @@ from parrot_pandas.scheduler import Scheduler
 class ScriptedClient:
     """Answers `echo: <prompt>`; `script(prompt, attempt)` may return an exception to raise."""
 
-    def __init__(self, script: Callable[[str, int], Exception | None] | None = None, delay: float = 0.0):
+    def __init__(
+        self, script: Callable[[str, int], Exception | None] | None = None, delay: float = 0.0
+    ):
         self.script = script or (lambda prompt, attempt: None)
         self.delay = delay
         self.sent: list[str] = []
@@ -40,7 +42,9 @@ class ScriptedClient:
             problem = self.script(prompt, attempt)
             if problem is not None:
                 raise problem
-            return Completion(texts=(f"echo: {prompt}",) * call.n, prompt_tokens=10, completion_tokens=5)
+            return Completion(
+                texts=(f"echo: {prompt}",) * call.n, prompt_tokens=10, completion_tokens=5
+            )
         finally:
             self.in_flight -= 1
             self.log.append(("end", prompt))
@@ -152,7 +156,11 @@ async def test_429_pauses_the_shared_budget_for_the_announced_reset():
 
 async def test_429_without_headers_pauses_on_retry_after():
     def script(prompt, attempt):
-        return APIError("slow down", status=429, retry_after=0.05) if attempt == 0 and prompt == "b" else None
+        return (
+            APIError("slow down", status=429, retry_after=0.05)
+            if attempt == 0 and prompt == "b"
+            else None
+        )
 
     budget = RecordingBudget()
     await _scheduler(ScriptedClient(script), budget).run(iter("ab"), rows=2)
@@ -223,7 +231,11 @@ async def test_samples_missing_from_a_short_answer_are_requested_again():
 
 def test_provider_reads_openai_reset_durations():
     info = OpenAIProvider("http://x/v1").limits(
-        {"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "6m0s", "x-ratelimit-remaining-tokens": "0"}
+        {
+            "x-ratelimit-reset-requests": "20ms",
+            "x-ratelimit-reset-tokens": "6m0s",
+            "x-ratelimit-remaining-tokens": "0",
+        }
     )
     assert info.reset_requests == pytest.approx(0.02) and info.reset_tokens == 360
     assert info.wait_after_429() == 60  # capped: a 6-minute reset never freezes a run
