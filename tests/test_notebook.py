@@ -42,7 +42,7 @@ def executed(
     env = {k: v for k, v in os.environ.items() if k not in _ENV_TO_DROP}
     env["PARROT_PANDAS_CACHE"] = str(tmp_path / "cache.sqlite3")
     env["IPYTHONDIR"] = str(tmp_path / "ipython")  # no user profile or startup files
-    env["PARROT_PANDAS_QUICKSTART_SERVER"] = getattr(request, "param", "stand-in")
+    env["PARROT_PANDAS_NOTEBOOK_SERVER"] = getattr(request, "param", "stand-in")
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
@@ -77,7 +77,7 @@ def _text(outputs: list) -> str:
 
 @pytest.mark.slow
 def test_quickstart_runs_offline(executed: dict[str, str]) -> None:
-    assert re.search(r"using the server at http://127\.0\.0\.1:\d+/v1", executed["setup"])
+    assert re.search(r"at http://127\.0\.0\.1:\d+/v1 \(stand-in\)", executed["setup"])
 
     # The echo model of the local stand-in answered every row that has text.
     assert executed["generate"].count("echo: Summarize in one sentence:") == 3
@@ -131,7 +131,7 @@ def _local_model_available() -> bool:
 )
 @pytest.mark.parametrize("executed", ["local"], indirect=True)
 def test_quickstart_runs_offline_on_the_real_local_model(executed: dict[str, str]) -> None:
-    assert re.search(r"using the server at http://127\.0\.0\.1:\d+/v1", executed["setup"])
+    assert re.search(r"at http://127\.0\.0\.1:\d+/v1 \(local model\)", executed["setup"])
     assert "echo:" not in executed["generate"]  # a real model answered
     assert "'requests': 3" in executed["facts"] and "SmolLM2" in executed["facts"]
     assert "cached rows: 3, requests sent: 0" in executed["cache"]
