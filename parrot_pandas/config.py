@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .errors import ConfigurationError
 
 __all__ = [
+    "PROVIDERS",
     "REQUEST_PARAMETERS",
     "RUN_SETTINGS",
     "STRUCTURED_STRATEGIES",
@@ -21,6 +22,51 @@ __all__ = [
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _OPENAI_HOST = "api.openai.com"
+# As Anthropic's SDK: the base URL has no /v1 (the provider adds /v1/messages).
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+# The Messages API requires max_tokens; this is used when the user gives none.
+DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
+
+# The wire protocols a run can speak (see parrot_pandas.providers).
+PROVIDERS = ("openai", "anthropic", "azure")
+
+
+@dataclass(frozen=True)
+class _ProviderEnvironment:
+    """Where a provider's official SDK reads its settings from, and what it requires."""
+
+    base_url_variable: str
+    api_key_variable: str
+    default_base_url: str | None
+    # A missing key fails before any request when the base URL is on this host ("*": any).
+    key_host: str
+
+
+_ENVIRONMENT = {
+    "openai": _ProviderEnvironment(
+        "OPENAI_BASE_URL", "OPENAI_API_KEY", DEFAULT_BASE_URL, _OPENAI_HOST
+    ),
+    "anthropic": _ProviderEnvironment(
+        "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", DEFAULT_ANTHROPIC_BASE_URL, "api.anthropic.com"
+    ),
+    # As the OpenAI SDK's AzureOpenAI client.
+    "azure": _ProviderEnvironment("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", None, "*"),
+}
+
+# OpenAI request parameters the Anthropic Messages API has no equivalent for: refused before
+# any request rather than by a 400 at the first one. (max_completion_tokens becomes max_tokens
+# here; the provider sends stop as stop_sequences and user as metadata.user_id.)
+_ANTHROPIC_UNSUPPORTED = frozenset(
+    {
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "reasoning_effort",
+        "min_p",
+        "repeat_penalty",
+    }
+)
 
 # Passed through to the API as they are. `extra_body` is the escape hatch for anything a
 # particular server accepts that is not listed (merged into the JSON body).
@@ -50,6 +96,8 @@ RUN_SETTINGS = frozenset(
     {
         "api_key",
         "base_url",
+        "provider",
+        "api_version",
         "max_concurrency",
         "max_retries",
         "timeout",
@@ -74,11 +122,16 @@ class RunConfig:
     """Everything one run needs to know, validated before any request is sent.
 
     Built by :meth:`from_options`; the API key is kept out of ``repr`` and never logged.
+    ``provider`` names the wire protocol (one of :data:`PROVIDERS`); ``base_url`` is what that
+    provider's SDK calls its base URL (Anthropic's has no ``/v1``; Azure's is the resource
+    endpoint); ``api_version`` is Azure's ``api-version``.
     """
 
     model: str
     base_url: str
     api_key: str | None = field(default=None, repr=False)
+    provider: str = "openai"
+    api_version: str | None = None
     system: str | None = None
     n: int = 1
     params: tuple[tuple[str, Any], ...] = ()
@@ -109,6 +162,11 @@ class RunConfig:
     def request_params(self) -> dict[str, Any]:
         """The pass-through request parameters as a fresh dict."""
         return dict(self.params)
+
+    @property
+    def samples_per_request(self) -> int | None:
+        """How many samples one request can return: 1 for Anthropic (no ``n``), else no limit."""
+        return 1 if self.provider == "anthropic" else None
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -160,18 +218,31 @@ class RunConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigurationError(f"n must be an integer >= 1 (samples per row), got {n!r}")
 
-        base_url = (
-            settings.pop("base_url", None) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        provider, inferred = _choose_provider(
+            settings.pop("provider", None), model, url_given=settings.get("base_url") is not None
         )
+        env = _ENVIRONMENT[provider]
+        base_url = (
+            settings.pop("base_url", None)
+            or os.environ.get(env.base_url_variable)
+            or env.default_base_url
+        )
+        if base_url is None:
+            raise ConfigurationError(
+                "provider='azure' needs the resource endpoint: set the AZURE_OPENAI_ENDPOINT "
+                "environment variable (e.g. https://my-resource.openai.azure.com) or pass "
+                "base_url=..."
+            )
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             shown = redact_url(base_url) if isinstance(base_url, str) else base_url
             raise ConfigurationError(
-                f"base_url must be an http(s) URL such as 'http://127.0.0.1:8080/v1', got {shown!r}"
+                f"base_url must be an http(s) URL such as {_EXAMPLE_URL[provider]!r}, got {shown!r}"
             )
-        # An empty OPENAI_API_KEY (exported but unset) means no key, not an empty bearer token.
-        api_key = settings.pop("api_key", None) or os.environ.get("OPENAI_API_KEY") or None
+        # An empty key variable (exported but unset) means no key, not an empty credential.
+        api_key = settings.pop("api_key", None) or os.environ.get(env.api_key_variable) or None
         if api_key is not None and not isinstance(api_key, str):
             raise ConfigurationError("api_key must be a string")
+        api_version = _api_version(provider, settings.pop("api_version", None), need_key)
         try:
             url = urlsplit(base_url)
             _ = url.port  # reading the port is what validates it
@@ -179,19 +250,23 @@ class RunConfig:
             raise ConfigurationError(
                 f"base_url is not a valid URL ({exc}): {redact_url(base_url)!r}"
             ) from None
-        if api_key is None and need_key and url.hostname == _OPENAI_HOST:
-            raise ConfigurationError(
-                "no API key: set the OPENAI_API_KEY environment variable or pass api_key=..., "
-                "or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"
-            )
+        if api_key is None and need_key and env.key_host in ("*", url.hostname):
+            raise ConfigurationError(_no_key_message(provider, inferred))
         if api_key is not None and (url.username or url.password):
             # aiohttp refuses a request with both (ValueError at the first request).
             raise ConfigurationError(
                 f"base_url {redact_url(base_url)!r} carries user:password credentials and an API "
-                "key is set too (api_key= or OPENAI_API_KEY); a request can carry only one of them"
+                f"key is set too (api_key= or {env.api_key_variable}); a request can carry only "
+                "one of them"
             )
+        base_url = base_url.rstrip("/")
+        if provider == "anthropic":
+            # Anthropic's SDK takes the URL without /v1; one with it is forgiven, not doubled.
+            base_url = base_url.removesuffix("/v1")
 
         _check_params(params)
+        if provider == "anthropic":
+            params = _anthropic_params(params)
         for name in ("max_concurrency", "max_retries"):
             if name in settings:
                 value = settings[name]
@@ -227,13 +302,100 @@ class RunConfig:
 
         return cls(
             model=model,
-            base_url=base_url.rstrip("/"),
+            base_url=base_url,
             api_key=api_key,
+            provider=provider,
+            api_version=api_version,
             system=system,
             n=n,
             params=tuple(sorted(params.items())),
             **settings,
         )
+
+
+_EXAMPLE_URL = {
+    "openai": "http://127.0.0.1:8080/v1",
+    "anthropic": DEFAULT_ANTHROPIC_BASE_URL,
+    "azure": "https://my-resource.openai.azure.com",
+}
+
+
+def _choose_provider(provider: Any, model: str, *, url_given: bool) -> tuple[str, bool]:
+    """The provider asked for, else the one the model name implies; and whether it was implied."""
+    provider = provider or os.environ.get("PARROT_PANDAS_PROVIDER") or None
+    if provider is None:
+        # A claude- model goes to Anthropic unless base_url= points the run elsewhere (an
+        # OpenAI-compatible gateway serving Claude models).
+        implied = model.startswith("claude-") and not url_given
+        return ("anthropic" if implied else "openai"), implied
+    if provider not in PROVIDERS:
+        close = difflib.get_close_matches(str(provider), PROVIDERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigurationError(
+            f"provider must be one of {list(PROVIDERS)}, got {provider!r}{hint}. Any "
+            "OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) is provider='openai'."
+        )
+    return provider, False
+
+
+def _api_version(provider: str, value: Any, need_key: bool) -> str | None:
+    if provider != "azure":
+        if value is not None:
+            raise ConfigurationError(
+                f"api_version= applies to provider='azure' only (this run is {provider!r})"
+            )
+        return None
+    value = value or os.environ.get("OPENAI_API_VERSION") or None
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(
+            f"api_version must be a string such as '2024-10-21', got {value!r}"
+        )
+    if value is None and need_key:
+        raise ConfigurationError(
+            "provider='azure' needs an API version: set the OPENAI_API_VERSION environment "
+            "variable (as the OpenAI SDK's AzureOpenAI client reads it, e.g. '2024-10-21') "
+            "or pass api_version=..."
+        )
+    return value
+
+
+def _no_key_message(provider: str, inferred: bool) -> str:
+    if provider == "openai":
+        return (
+            "no API key: set the OPENAI_API_KEY environment variable or pass api_key=..., "
+            "or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"
+        )
+    if provider == "azure":
+        return (
+            "no API key for Azure OpenAI: set the AZURE_OPENAI_API_KEY environment variable "
+            "or pass api_key=..."
+        )
+    message = "no API key: set the ANTHROPIC_API_KEY environment variable or pass api_key=..."
+    if inferred:
+        message += (
+            " (the Anthropic API was chosen because the model name starts with 'claude-'; pass "
+            "provider='openai' and base_url=... to reach it through an OpenAI-compatible gateway)"
+        )
+    return message
+
+
+def _anthropic_params(params: dict[str, Any]) -> dict[str, Any]:
+    unsupported = sorted(_ANTHROPIC_UNSUPPORTED & params.keys())
+    if unsupported:
+        raise ConfigurationError(
+            f"{', '.join(unsupported)} not supported by the Anthropic Messages API "
+            "(provider='anthropic'); remove them, or pass Anthropic request fields as "
+            "extra_body={...}"
+        )
+    params = dict(params)
+    if "max_completion_tokens" in params:
+        if "max_tokens" in params:
+            raise ConfigurationError("pass max_tokens or max_completion_tokens, not both")
+        params["max_tokens"] = params.pop("max_completion_tokens")
+    # Set here rather than by the provider alone, so the budget, estimate() and the cache key
+    # all see the limit that is really sent.
+    params.setdefault("max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS)
+    return params
 
 
 def _check_params(params: dict[str, Any]) -> None:

@@ -80,6 +80,9 @@ class RequestPlan:
             "params": self.config.request_params,
             "schema": self.schema,
         }
+        if self.config.provider != "openai":
+            # Anthropic's and Azure's answers never share a key; OpenAI's keys stay as they were.
+            fixed["provider"] = self.config.provider
         return key_function(fixed, "messages")
 
     def call(self, prompt: str, n: int) -> Call:

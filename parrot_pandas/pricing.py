@@ -459,6 +459,7 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
     config = plan.config
     model = config.model
     n = config.n
+    per_request = config.samples_per_request or n
     rows = skipped = requests = prompt_tokens = samples_asked = 0
     rows_by_key: dict[str, int] = {}
     cached_keys: set[str] = set()
@@ -476,9 +477,11 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
             if have >= n:
                 cached_keys.add(key)
                 continue
-            requests += 1
+            # A provider without n (Anthropic) sends one request per missing sample.
+            sends = -(-(n - have) // per_request)
+            requests += sends
             samples_asked += n - have
-            prompt_tokens += _count_messages(plan.messages(prompt), encoder) + structured
+            prompt_tokens += sends * (_count_messages(plan.messages(prompt), encoder) + structured)
 
     try:
         for prompt in template.rows(frame):

@@ -1,16 +1,27 @@
-"""A deterministic local OpenAI-compatible server for tests, benchmarks and offline quickstarts.
+"""A deterministic local LLM server for tests, benchmarks and offline quickstarts.
 
-``FakeServer`` answers ``POST /v1/chat/completions`` the way the OpenAI API does (same
-response, error and ``x-ratelimit-*`` header shapes) with a predictable "model":
+``FakeServer`` speaks three protocols, each with its API's own response, error and rate-limit
+header shapes:
+
+- OpenAI: ``POST /v1/chat/completions`` (``x-ratelimit-*`` headers, durations like ``6m0s``);
+- Anthropic Messages: ``POST /v1/messages`` (``x-api-key``, ``anthropic-version``, top-level
+  ``system``, required ``max_tokens``, ``tool_use`` blocks, ``anthropic-ratelimit-*`` headers
+  with RFC 3339 resets, ``{"type": "error", ...}`` bodies, 529 ``overloaded_error``);
+- Azure OpenAI: ``POST /openai/deployments/{deployment}/chat/completions?api-version=...``
+  (``api-key`` header, the deployment as the model, Azure's 401/404/429 bodies and its
+  ``content_filter`` 400).
+
+Behind them is one predictable "model":
 
 - Plain requests get the *echo model*: choice ``i`` answers ``"echo: <last user message>"``
   when ``i`` is even and ``"echo (alt): <last user message>"`` when it is odd, so ``n=3``
-  gives two distinct answers.
+  gives two distinct answers. Anthropic has no ``n``: there the answers alternate across
+  repeated requests for the same message instead.
 - Structured requests (a tool call, ``response_format`` ``json_schema`` / ``json_object``,
-  or a prompt that asks for JSON) get ``{"items": [...]}``: every line of the last user
-  message that contains ``=`` becomes one object of its comma-separated ``key=value`` pairs
-  (``name=Ada, year=1815``), keeping the keys the item schema declares and converting values
-  to the declared types.
+  Anthropic's ``output_config.format``, or a prompt that asks for JSON) get
+  ``{"items": [...]}``: every line of the last user message that contains ``=`` becomes one
+  object of its comma-separated ``key=value`` pairs (``name=Ada, year=1815``), keeping the keys
+  the item schema declares and converting values to the declared types.
 
 On top of that it can be slow (``latency``), rate limited (``rpm`` / ``tpm`` token buckets),
 and unreliable (``fail_rate``, ``drop_rate``, ``malformed_rate``, drawn from a seeded
@@ -22,6 +33,8 @@ Examples
 >>> with FakeServer(latency=0.05, rpm=600) as srv:  # doctest: +SKIP
 ...     out = df.llm.generate("Summarize: ${text}", base_url=srv.url, api_key="x")
 ...     srv.stats()["ok"]
+>>> with FakeServer() as srv:  # doctest: +SKIP
+...     out = df.llm.generate("${text}", provider="anthropic", base_url=srv.origin, api_key="x")
 
 From a shell (prints the base URL once it listens, serves until SIGTERM / Ctrl-C)::
 
@@ -33,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import hmac
 import itertools
 import json
@@ -42,7 +56,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -78,7 +92,8 @@ class ServerConfig:
     seed : int
         Seed of the generator behind faults and jitter.
     api_key : str, optional
-        When set, requests must carry ``Authorization: Bearer <api_key>``; never echoed.
+        When set, requests must carry it, each route as its API does: ``Authorization: Bearer``
+        (OpenAI), ``x-api-key`` (Anthropic) or ``api-key`` (Azure). Never echoed.
     models : sequence of str, optional
         Model names the server accepts (others get 404 ``model_not_found``); ``None`` accepts
         any model.
@@ -89,7 +104,11 @@ class ServerConfig:
         Return ``n`` choices; when ``False`` always one, as some servers do.
     supports_tools, supports_json_schema, supports_json_object : bool
         When ``False``, requests using ``tools`` / ``response_format`` of that type get a 400
-        naming the parameter, as servers without that feature do.
+        naming the parameter, as servers without that feature do. On the Anthropic route,
+        ``supports_json_schema`` governs ``output_config.format``.
+    filtered : sequence of str
+        Azure route only: a prompt containing any of these words (any case) is refused by the
+        "content filter", Azure's 400 with code ``content_filter``.
     """
 
     latency: float = 0.0
@@ -108,8 +127,13 @@ class ServerConfig:
     supports_tools: bool = True
     supports_json_schema: bool = True
     supports_json_object: bool = True
+    filtered: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.filtered, str):
+            object.__setattr__(self, "filtered", (self.filtered,))
+        else:
+            object.__setattr__(self, "filtered", tuple(self.filtered or ()))
         if isinstance(self.models, str):
             object.__setattr__(self, "models", (self.models,))
         elif self.models is not None:
@@ -369,6 +393,324 @@ def _parse_items(text: str, props: Mapping[str, Any] | None) -> list[dict[str, A
 
 
 # ---------------------------------------------------------------------------------------
+# Protocols: how each API shapes its answers, errors and rate-limit headers
+# ---------------------------------------------------------------------------------------
+
+Buckets = Sequence[tuple[str, float, TokenBucket]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One request, read from whichever protocol it came in."""
+
+    model: str
+    prompt: str  # the last user message: what the echo and extract models answer
+    prompt_tokens: int
+    max_out: int
+    n: int
+    plan: _Plan
+    # Anthropic has no n: alternate the echo model's answers across repeated requests instead.
+    rotate: bool = False
+
+
+class _OpenAIDialect:
+    """OpenAI's response, error and ``x-ratelimit-*`` header shapes."""
+
+    def screen(self, filtered: Sequence[str], texts: Sequence[str]) -> web.Response | None:
+        return None  # only Azure runs a content filter
+
+    def limit_headers(self, buckets: Buckets) -> dict[str, str]:
+        headers = {}
+        for kind, limit, bucket in buckets:
+            headers[f"x-ratelimit-limit-{kind}"] = _number(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(int(bucket.level))
+            headers[f"x-ratelimit-reset-{kind}"] = _format_duration(bucket.time_to_full())
+        return headers
+
+    def rate_limited(
+        self,
+        model: str,
+        kind: str,
+        limit: float,
+        bucket: TokenBucket,
+        requested: int,
+        wait: float,
+        headers: dict[str, str],
+    ) -> web.Response:
+        unit = "RPM" if kind == "requests" else "TPM"
+        where = f"for {model} in organization org-parrot on {kind} per min ({unit})"
+        if math.isinf(wait):
+            # No retry-after: waiting never helps, as with OpenAI's own "too large" 429.
+            message = (
+                f"Request too large {where}: Limit {_number(limit)}, Requested {requested}. "
+                "The input or output tokens must be reduced in order to run successfully. "
+                f"(This server's bucket holds tpm / 60 * burst = {_number(bucket.capacity)} "
+                "tokens; raise burst to admit larger requests.)"
+            )
+        else:
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+            headers["retry-after"] = str(math.ceil(wait))
+            used = limit - int(bucket.level)
+            message = (
+                f"Rate limit reached {where}: Limit {_number(limit)}, Used {_number(used)}, "
+                f"Requested {requested}. "
+                f"Please try again in {_format_duration(wait)}. {_RATE_LIMIT_DOCS}"
+            )
+        return _error(429, message, kind, code="rate_limit_exceeded", headers=headers)
+
+    def server_error(self, count: int, headers: dict[str, str]) -> web.Response:
+        if count % 2:
+            message = "The server had an error while processing your request. Sorry about that!"
+            return _error(500, message, "server_error", headers=headers)
+        message = "The engine is currently overloaded, please try again later."
+        return _error(503, message, "server_error", headers=headers)
+
+    def render(
+        self, job: _Job, answers: list[str], ids: Iterator[int]
+    ) -> tuple[dict[str, Any], int]:
+        plan = job.plan
+        choices, completion_tokens = [], 0
+        call_id = f"call_parrot{next(ids)}"
+        for i, answer in enumerate(answers):
+            finish = plan.finish
+            if job.max_out and _tokens(answer) > job.max_out:
+                answer, finish = answer[: job.max_out * 4], "length"
+            completion_tokens += _tokens(answer)
+            message: dict[str, Any] = {"role": "assistant", "content": answer, "refusal": None}
+            if plan.kind == "tool":
+                call = {"name": plan.tool, "arguments": answer}
+                message["content"] = None
+                message["tool_calls"] = [
+                    {"id": f"{call_id}_{i}", "type": "function", "function": call}
+                ]
+            choices.append(
+                {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+            )
+        payload = {
+            "id": f"chatcmpl-parrot{next(ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": job.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": job.prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": "fp_parrot",
+        }
+        return payload, completion_tokens
+
+
+_OPENAI = _OpenAIDialect()
+
+_NO_FILTER = {"filtered": False, "severity": "safe"}
+_FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+
+
+class _AzureDialect(_OpenAIDialect):
+    """Azure OpenAI: OpenAI's bodies, Azure's own 401/404/429 errors, headers and content filter."""
+
+    def __init__(self, api_version: str) -> None:
+        self.api_version = api_version
+
+    @staticmethod
+    def error(
+        status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        return web.json_response(
+            {"error": {"code": code, "message": message}}, status=status, headers=headers
+        )
+
+    def screen(self, filtered: Sequence[str], texts: Sequence[str]) -> web.Response | None:
+        lowered = [t.lower() for t in texts]
+        if not any(word.lower() in t for word in filtered for t in lowered):
+            return None
+        results = {c: dict(_NO_FILTER) for c in _FILTER_CATEGORIES}
+        results["violence"] = {"filtered": True, "severity": "high"}
+        body = {
+            "error": {
+                "message": (
+                    "The response was filtered due to the prompt triggering Azure OpenAI's content "
+                    "management policy. Please modify your prompt and retry. To learn more about "
+                    "our content filtering policies please read our documentation: "
+                    "https://go.microsoft.com/fwlink/?linkid=2198766"
+                ),
+                "type": None,
+                "param": "prompt",
+                "code": "content_filter",
+                "status": 400,
+                "innererror": {
+                    "code": "ResponsibleAIPolicyViolation",
+                    "content_filter_result": results,
+                },
+            }
+        }
+        return web.json_response(body, status=400)
+
+    def limit_headers(self, buckets: Buckets) -> dict[str, str]:
+        # Azure announces what is left, not the limit nor its reset.
+        return {
+            f"x-ratelimit-remaining-{kind}": str(int(bucket.level)) for kind, _, bucket in buckets
+        }
+
+    def rate_limited(
+        self,
+        model: str,
+        kind: str,
+        limit: float,
+        bucket: TokenBucket,
+        requested: int,
+        wait: float,
+        headers: dict[str, str],
+    ) -> web.Response:
+        what = "call" if kind == "requests" else "token"
+        where = (
+            "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
+            f"{self.api_version} have exceeded {what} rate limit of your current OpenAI S0 "
+            "pricing tier."
+        )
+        if math.isinf(wait):
+            message = f"{where} This request asks for {requested} tokens, more than ever fit."
+        else:
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+            headers["retry-after"] = str(math.ceil(wait))
+            message = (
+                f"{where} Please retry after {math.ceil(wait)} seconds. Please go here: "
+                "https://aka.ms/oai/quotaincrease if you would like to further increase the "
+                "default rate limit."
+            )
+        return self.error(429, "429", message, headers)
+
+    def render(
+        self, job: _Job, answers: list[str], ids: Iterator[int]
+    ) -> tuple[dict[str, Any], int]:
+        payload, completion_tokens = super().render(job, answers, ids)
+        clean = {c: dict(_NO_FILTER) for c in _FILTER_CATEGORIES}
+        payload["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": clean}]
+        for choice in payload["choices"]:
+            choice["content_filter_results"] = clean
+        return payload, completion_tokens
+
+
+class _AnthropicDialect:
+    """The Anthropic Messages API's response, error and ``anthropic-ratelimit-*`` shapes."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
+    def error(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        request_id = f"req_parrot{next(self._ids)}"
+        body = {"type": "error", "error": {"type": type_, "message": message}}
+        body["request_id"] = request_id
+        return web.json_response(
+            body, status=status, headers={**(headers or {}), "request-id": request_id}
+        )
+
+    def limit_headers(self, buckets: Buckets) -> dict[str, str]:
+        # Every response of the API names its request.
+        headers = {"request-id": f"req_parrot{next(self._ids)}"}
+        now = time.time()
+        for kind, limit, bucket in buckets:
+            # This server has one token bucket; Anthropic announces input, output and the
+            # tightest of them ("tokens"): all three carry it here.
+            names = ("requests",) if kind == "requests" else _ANTHROPIC_TOKEN_KINDS
+            for name in names:
+                prefix = f"anthropic-ratelimit-{name}-"
+                headers[prefix + "limit"] = _number(limit)
+                headers[prefix + "remaining"] = str(int(bucket.level))
+                headers[prefix + "reset"] = _rfc3339(now + bucket.time_to_full())
+        return headers
+
+    def rate_limited(
+        self,
+        model: str,
+        kind: str,
+        limit: float,
+        bucket: TokenBucket,
+        requested: int,
+        wait: float,
+        headers: dict[str, str],
+    ) -> web.Response:
+        unit = "requests" if kind == "requests" else "input tokens"
+        message = (
+            f"This request would exceed the rate limit for your organization (org-parrot) of "
+            f"{_number(limit)} {unit} per minute. For details, refer to: "
+            "https://docs.claude.com/en/api/rate-limits."
+        )
+        if math.isinf(wait):
+            message += f" (This request needs {requested}; the limit never admits it.)"
+        else:
+            headers["retry-after"] = str(math.ceil(wait))
+        return self.error(429, "rate_limit_error", message, headers)
+
+    def server_error(self, count: int, headers: dict[str, str]) -> web.Response:
+        if count % 2:
+            return self.error(500, "api_error", "Internal server error", headers)
+        return self.error(529, "overloaded_error", "Overloaded", headers)
+
+    def render(
+        self, job: _Job, answers: list[str], ids: Iterator[int]
+    ) -> tuple[dict[str, Any], int]:
+        (answer,) = answers  # one answer per request: the API has no n
+        plan = job.plan
+        stop = plan.finish
+        if job.max_out and _tokens(answer) > job.max_out:
+            answer, stop = answer[: job.max_out * 4], "max_tokens"
+        completion_tokens = _tokens(answer)
+        number = next(ids)
+        if plan.kind == "tool":
+            try:
+                tool_input = json.loads(answer)
+            except ValueError:
+                # A malformed answer: tool input is always an object, so break its shape.
+                tool_input = {"items": answer}
+            block = {
+                "type": "tool_use",
+                "id": f"toolu_parrot{number}",
+                "name": plan.tool,
+                "input": tool_input if stop != "max_tokens" else {},
+            }
+        else:
+            block = {"type": "text", "text": answer}
+        payload = {
+            "id": f"msg_parrot{number}",
+            "type": "message",
+            "role": "assistant",
+            "model": job.model,
+            "content": [block],
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": job.prompt_tokens, "output_tokens": completion_tokens},
+        }
+        return payload, completion_tokens
+
+
+_ANTHROPIC = _AnthropicDialect()
+_ANTHROPIC_TOKEN_KINDS = ("tokens", "input-tokens", "output-tokens")
+# Top-level fields the Messages API accepts; any other is refused, as the API does.
+_ANTHROPIC_FIELDS = frozenset(
+    {
+        "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
+        "temperature", "top_p", "top_k", "tools", "tool_choice", "service_tier", "thinking",
+        "output_config", "container", "mcp_servers", "inference_geo", "cache_control",
+    }
+)  # fmt: skip
+
+
+def _rfc3339(when: float) -> str:
+    """Anthropic's reset format, rounded up to the second: ``2025-01-01T12:00:31Z``."""
+    stamp = datetime.datetime.fromtimestamp(math.ceil(when), tz=datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------------------
 
@@ -409,6 +751,9 @@ class _Stats:
         return snap
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class _ChatServer:
     """The request handlers and their state; one per application."""
 
@@ -420,12 +765,14 @@ class _ChatServer:
         self._jitter = random.Random(f"{config.seed}-jitter")
         self._ids = itertools.count(1)
         self._failures = 0
+        self._answered: Counter[str] = Counter()  # per prompt, for rotating answers
         self._buckets: list[tuple[str, float, TokenBucket]] = []
         for kind, per_minute in (("requests", config.rpm), ("tokens", config.tpm)):
             if per_minute is not None:
                 rate = per_minute / 60.0
                 bucket = TokenBucket(rate, max(1.0, rate * config.burst), clock=clock)
                 self._buckets.append((kind, per_minute, bucket))
+        self._key = config.api_key.encode() if config.api_key else None
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._fault_rate = config.fail_rate + config.drop_rate + config.malformed_rate
 
@@ -447,6 +794,15 @@ class _ChatServer:
             message = "Incorrect API key provided. Check the key you passed to this server."
         return _error(401, message, code="invalid_api_key")
 
+    def _key_matches(self, request: web.Request, header: str) -> bool | None:
+        """Whether ``header`` holds the key: ``None`` when it is missing (and one is needed)."""
+        if self._key is None:
+            return True
+        given = request.headers.get(header)
+        if given is None:
+            return None
+        return hmac.compare_digest(given.encode(), self._key)
+
     async def models(self, request: web.Request) -> web.Response:
         if (denied := self._check_auth(request)) is not None:
             return denied
@@ -466,33 +822,75 @@ class _ChatServer:
         message = f"Invalid URL ({request.method} {request.path})"
         return _error(404, message)
 
-    # -- chat completions ---------------------------------------------------------------
+    # -- the three routes -----------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``: the OpenAI protocol."""
+        return await self._counted(request, self._chat)
+
+    async def azure_chat(self, request: web.Request) -> web.StreamResponse:
+        """``POST /openai/deployments/{deployment}/chat/completions?api-version=``: Azure."""
+        return await self._counted(request, self._azure_chat)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/messages``: the Anthropic Messages API."""
+        return await self._counted(request, self._messages)
+
+    async def _counted(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         stats = self.stats
         with stats.lock:
             stats.requests += 1
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
-            response = await self._chat(request)
-            if response.status >= 400 and response.status not in (429, 500, 503):
+            response = await handler(request)
+            if response.status >= 400 and response.status not in (429, 500, 503, 529):
                 stats.add(rejected=1)
             return response
         finally:
             with stats.lock:
                 stats.in_flight -= 1
 
+    # -- OpenAI and Azure -------------------------------------------------------------------
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        cfg = self.config
         if (denied := self._check_auth(request)) is not None:
             return denied
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
+        body = await _json_body(request)
+        if body is None:
             return _error(400, "We could not parse the JSON body of your request.")
+        return await self._chat_body(request, body, _OPENAI)
+
+    async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
+        api_version = request.query.get("api-version")
+        if not api_version:
+            return _AzureDialect.error(404, "404", "Resource not found")
+        if not self._key_matches(request, "api-key"):
+            message = (
+                "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+                "to provide a valid key for an active subscription and use a correct regional "
+                "API endpoint for your resource."
+            )
+            return _AzureDialect.error(401, "401", message)
+        deployment = request.match_info["deployment"]
+        if self.config.models is not None and deployment not in self.config.models:
+            message = (
+                "The API deployment for this resource does not exist. If you created the "
+                "deployment within the last 5 minutes, please wait a moment and try again."
+            )
+            return _AzureDialect.error(404, "DeploymentNotFound", message)
+        body = await _json_body(request)
+        if body is None:
+            return _error(400, "We could not parse the JSON body of your request.")
+        # The deployment decides the model; Azure ignores a `model` in the body.
+        return await self._chat_body(
+            request, {**body, "model": deployment}, _AzureDialect(api_version)
+        )
+
+    async def _chat_body(
+        self, request: web.Request, body: dict[str, Any], dialect: _OpenAIDialect
+    ) -> web.StreamResponse:
+        cfg = self.config
         problem = self._validate(body)
         if problem is not None:
             return problem
@@ -504,10 +902,14 @@ class _ChatServer:
         plan = self._plan(body, messages)
         if isinstance(plan, web.Response):
             return plan
+        texts = [_text(m.get("content")) for m in messages]
+        refused = dialect.screen(cfg.filtered, texts)
+        if refused is not None:
+            return refused
         prompt = next(
             (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
         )
-        prompt_tokens = sum(_tokens(_text(m.get("content"))) for m in messages)
+        prompt_tokens = sum(_tokens(t) for t in texts)
         for schema in plan.schemas:
             prompt_tokens += _tokens(json.dumps(schema))
 
@@ -525,58 +927,8 @@ class _ChatServer:
                 )
             message = f"This model's maximum context length is {cfg.context_window} tokens. "
             return _error(400, message + detail, param="messages", code="context_length_exceeded")
-
-        refused = self._admit(model, prompt_tokens + max_out)
-        if refused is not None:
-            return refused
-        headers = self._limit_headers()
-
-        # Drawn at admission, in arrival order, so a sequential client sees a fixed sequence.
-        draw = self._faults.random() if self._fault_rate else 1.0
-        if cfg.latency:
-            delay = cfg.latency
-            if cfg.latency_jitter:
-                delay *= 1 + cfg.latency_jitter * (2 * self._jitter.random() - 1)
-            await asyncio.sleep(delay)
-
-        if draw < cfg.fail_rate:
-            self.stats.add(failed=1)
-            self._failures += 1
-            if self._failures % 2:
-                message = "The server had an error while processing your request. Sorry about that!"
-                return _error(500, message, "server_error", headers=headers)
-            message = "The engine is currently overloaded, please try again later."
-            return _error(503, message, "server_error", headers=headers)
-        if draw < cfg.fail_rate + cfg.drop_rate:
-            self.stats.add(dropped=1)
-            if request.transport is not None:
-                request.transport.close()
-            # Never sent: aiohttp's write to the closing transport fails, and it treats
-            # that as a client disconnect (no traceback logged).
-            return web.Response(status=204)
-        malformed = plan.structured and draw < cfg.fail_rate + cfg.drop_rate + cfg.malformed_rate
-
-        choices, completion_tokens = self._answer(plan, prompt, n, max_out, malformed)
-        payload = {
-            "id": f"chatcmpl-parrot{next(self._ids)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "system_fingerprint": "fp_parrot",
-        }
-        with self.stats.lock:
-            self.stats.ok += 1
-            self.stats.malformed += malformed
-            self.stats.prompt_tokens += prompt_tokens
-            self.stats.completion_tokens += completion_tokens
-            self.stats.by_prompt[prompt] += 1
-        return web.json_response(payload, headers=headers)
+        job = _Job(model, prompt, prompt_tokens, max_out, n, plan)
+        return await self._serve(request, dialect, job)
 
     def _validate(self, body: dict[str, Any]) -> web.Response | None:
         cfg = self.config
@@ -666,7 +1018,181 @@ class _ChatServer:
                     return props
         return None
 
-    def _admit(self, model: str, cost: int) -> web.Response | None:
+    # -- Anthropic ------------------------------------------------------------------------
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config
+        error = _ANTHROPIC.error
+        matches = self._key_matches(request, "x-api-key")
+        if matches is None:
+            # The API also takes the key as a bearer token (Anthropic's newer SDKs send it so).
+            matches = (
+                self._check_auth(request) is None if "Authorization" in request.headers else None
+            )
+        if matches is None:
+            return error(401, "authentication_error", "x-api-key header is required")
+        if not matches:
+            return error(401, "authentication_error", "invalid x-api-key")
+        if not request.headers.get("anthropic-version"):
+            return error(400, "invalid_request_error", "anthropic-version: header is required")
+        body = await _json_body(request)
+        if body is None:
+            message = "There was an error parsing the body of your request as JSON."
+            return error(400, "invalid_request_error", message)
+        problem = self._validate_messages(body)
+        if problem is not None:
+            return problem
+        model, messages, max_out = body["model"], body["messages"], body["max_tokens"]
+        system = _text(body.get("system"))
+        plan = self._messages_plan(body, system, messages)
+        if isinstance(plan, web.Response):
+            return plan
+        prompt = next(
+            (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+        )
+        prompt_tokens = _tokens(system) + sum(_tokens(_text(m.get("content"))) for m in messages)
+        for schema in plan.schemas:
+            prompt_tokens += _tokens(json.dumps(schema))
+        window = cfg.context_window
+        if window is not None and prompt_tokens > window:
+            message = f"prompt is too long: {prompt_tokens} tokens > {window} maximum"
+            return error(400, "invalid_request_error", message)
+        if window is not None and prompt_tokens + max_out > window:
+            message = (
+                f"input length and `max_tokens` exceed context limit: {prompt_tokens} + "
+                f"{max_out} > {window}, decrease input length or `max_tokens` and try again"
+            )
+            return error(400, "invalid_request_error", message)
+        job = _Job(model, prompt, prompt_tokens, max_out, 1, plan, rotate=True)
+        return await self._serve(request, _ANTHROPIC, job)
+
+    def _validate_messages(self, body: Any) -> web.Response | None:
+        def invalid(message: str) -> web.Response:
+            return _ANTHROPIC.error(400, "invalid_request_error", message)
+
+        if not isinstance(body, dict):
+            return invalid("The request body must be a JSON object.")
+        for name in body:
+            if name not in _ANTHROPIC_FIELDS:
+                return invalid(f"{name}: Extra inputs are not permitted")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return invalid("model: Field required")
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            return invalid("max_tokens: Field required")
+        if type(max_tokens) is not int or max_tokens < 1:
+            return invalid(f"max_tokens: Input should be an integer >= 1, got {max_tokens!r}")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return invalid("messages: at least one message is required")
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role == "system":
+                return invalid(
+                    'messages: Unexpected role "system". The Messages API accepts a top-level '
+                    '`system` parameter, not "system" as an input message role.'
+                )
+            if role not in ("user", "assistant"):
+                return invalid(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        if body.get("stream"):
+            return invalid("stream: streaming is not supported by this server")
+        if self.config.models is not None and model not in self.config.models:
+            return _ANTHROPIC.error(404, "not_found_error", f"model: {model}")
+        return None
+
+    def _messages_plan(
+        self, body: dict[str, Any], system: str, messages: list[dict[str, Any]]
+    ) -> _Plan | web.Response:
+        """Decide how to answer a Messages request: echo, a tool_use block, or JSON text."""
+
+        def invalid(message: str) -> web.Response:
+            return _ANTHROPIC.error(400, "invalid_request_error", message)
+
+        cfg = self.config
+        tools = body.get("tools") or []
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            return invalid("tools: Input should be a list of tool objects")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool.get("input_schema"), dict):
+                return invalid(f"tools.{i}.input_schema: Field required")
+        schemas = [t["input_schema"] for t in tools]
+        choice = body.get("tool_choice") or {"type": "auto"}
+        if tools and choice.get("type") != "none":
+            if not cfg.supports_tools:
+                return invalid("tools: tool use is not supported by this server")
+            if choice.get("type") == "tool":
+                chosen = next((t for t in tools if t.get("name") == choice.get("name")), None)
+                if chosen is None:
+                    return invalid(f"tool_choice: Tool '{choice.get('name')}' not found in tools")
+            else:  # "auto" or "any": this model always uses the first tool
+                chosen = tools[0]
+            props = _item_properties(chosen["input_schema"])
+            return _Plan("tool", props, schemas, chosen.get("name"), "tool_use")
+        output = body.get("output_config")
+        fmt = output.get("format") if isinstance(output, dict) else None
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+                return invalid("output_config.format.type: Input should be 'json_schema'")
+            if not cfg.supports_json_schema:
+                return invalid(
+                    "output_config.format: json_schema structured outputs are not supported by "
+                    "this server"
+                )
+            schema = fmt.get("schema")
+            schemas += [schema] if schema else []
+            return _Plan("json", _item_properties(schema), schemas, finish="end_turn")
+        chat = [{"role": "system", "content": system}, *messages]
+        texts = [system] + [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+        if any("json" in t.lower() for t in texts):
+            return _Plan("fenced", self._props_from_prompt(chat), schemas, finish="end_turn")
+        return _Plan("echo", None, schemas, finish="end_turn")
+
+    # -- what every protocol shares: limits, latency, faults, the answer ---------------------
+
+    async def _serve(self, request: web.Request, dialect: Any, job: _Job) -> web.StreamResponse:
+        cfg = self.config
+        refused = self._admit(dialect, job.model, job.prompt_tokens + job.max_out)
+        if refused is not None:
+            return refused
+        headers = dialect.limit_headers(self._buckets)
+
+        # Drawn at admission, in arrival order, so a sequential client sees a fixed sequence.
+        draw = self._faults.random() if self._fault_rate else 1.0
+        if cfg.latency:
+            delay = cfg.latency
+            if cfg.latency_jitter:
+                delay *= 1 + cfg.latency_jitter * (2 * self._jitter.random() - 1)
+            await asyncio.sleep(delay)
+
+        if draw < cfg.fail_rate:
+            self.stats.add(failed=1)
+            self._failures += 1
+            return dialect.server_error(self._failures, headers)
+        if draw < cfg.fail_rate + cfg.drop_rate:
+            self.stats.add(dropped=1)
+            if request.transport is not None:
+                request.transport.close()
+            # Never sent: aiohttp's write to the closing transport fails, and it treats
+            # that as a client disconnect (no traceback logged).
+            return web.Response(status=204)
+        plan = job.plan
+        malformed = plan.structured and draw < cfg.fail_rate + cfg.drop_rate + cfg.malformed_rate
+
+        start = self._answered[job.prompt] if job.rotate else 0
+        answers = self._answers(plan, job.prompt, job.n, malformed, start)
+        payload, completion_tokens = dialect.render(job, answers, self._ids)
+        with self.stats.lock:
+            self.stats.ok += 1
+            self.stats.malformed += malformed
+            self.stats.prompt_tokens += job.prompt_tokens
+            self.stats.completion_tokens += completion_tokens
+            self.stats.by_prompt[job.prompt] += 1
+        if job.rotate:
+            self._answered[job.prompt] += 1
+        return web.json_response(payload, headers=headers)
+
+    def _admit(self, dialect: Any, model: str, cost: int) -> web.Response | None:
         """Take from every bucket if the request fits all of them, else a 429."""
         if not self._buckets:
             return None
@@ -678,44 +1204,13 @@ class _ChatServer:
                 b.take(costs[kind_])
             return None
         self.stats.add(rate_limited=1)
-        headers = self._limit_headers()
-        unit = "RPM" if kind == "requests" else "TPM"
-        where = f"for {model} in organization org-parrot on {kind} per min ({unit})"
-        if math.isinf(wait):
-            # No retry-after: waiting never helps, as with OpenAI's own "too large" 429.
-            message = (
-                f"Request too large {where}: Limit {_number(limit)}, Requested {costs[kind]}. "
-                "The input or output tokens must be reduced in order to run successfully. "
-                f"(This server's bucket holds tpm / 60 * burst = {_number(bucket.capacity)} "
-                "tokens; raise burst to admit larger requests.)"
-            )
-        else:
-            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
-            headers["retry-after"] = str(math.ceil(wait))
-            used = limit - int(bucket.level)
-            message = (
-                f"Rate limit reached {where}: Limit {_number(limit)}, Used {_number(used)}, "
-                f"Requested {costs[kind]}. "
-                f"Please try again in {_format_duration(wait)}. {_RATE_LIMIT_DOCS}"
-            )
-        return _error(429, message, kind, code="rate_limit_exceeded", headers=headers)
+        headers = dialect.limit_headers(self._buckets)
+        return dialect.rate_limited(model, kind, limit, bucket, costs[kind], wait, headers)
 
-    def _limit_headers(self) -> dict[str, str]:
-        headers = {}
-        for kind, limit, bucket in self._buckets:
-            headers[f"x-ratelimit-limit-{kind}"] = _number(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(int(bucket.level))
-            headers[f"x-ratelimit-reset-{kind}"] = _format_duration(bucket.time_to_full())
-        return headers
-
-    def _answer(
-        self,
-        plan: _Plan,
-        prompt: str,
-        n: int,
-        max_out: int,
-        malformed: bool,
-    ) -> tuple[list[dict[str, Any]], int]:
+    def _answers(
+        self, plan: _Plan, prompt: str, n: int, malformed: bool, start: int = 0
+    ) -> list[str]:
+        """The model's answer texts: echoes (alternating from ``start``) or extracted JSON."""
         n = n if self.config.honor_n else 1
         if plan.structured:
             text = json.dumps({"items": _parse_items(prompt, plan.props)}, ensure_ascii=False)
@@ -723,27 +1218,16 @@ class _ChatServer:
                 text = text[: max(1, len(text) // 2)]  # a prefix of an object is never JSON
             if plan.kind == "fenced":
                 text = f"Here is the JSON you asked for:\n```json\n{text}\n```\nHope this helps!"
-            answers = [text] * n
-        else:
-            answers = [f"echo{' (alt)' if i % 2 else ''}: {prompt}" for i in range(n)]
-        choices, completion_tokens = [], 0
-        call_id = f"call_parrot{next(self._ids)}"
-        for i, answer in enumerate(answers):
-            finish = plan.finish
-            if max_out and _tokens(answer) > max_out:
-                answer, finish = answer[: max_out * 4], "length"
-            completion_tokens += _tokens(answer)
-            message: dict[str, Any] = {"role": "assistant", "content": answer, "refusal": None}
-            if plan.kind == "tool":
-                call = {"name": plan.tool, "arguments": answer}
-                message["content"] = None
-                message["tool_calls"] = [
-                    {"id": f"{call_id}_{i}", "type": "function", "function": call}
-                ]
-            choices.append(
-                {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
-            )
-        return choices, completion_tokens
+            return [text] * n
+        return [f"echo{' (alt)' if i % 2 else ''}: {prompt}" for i in range(start, start + n)]
+
+
+async def _json_body(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -777,8 +1261,10 @@ def make_app(
     Returns
     -------
     aiohttp.web.Application
-        Routes ``GET /v1/models``, ``POST /v1/chat/completions``, ``GET /_stats`` and
-        ``POST /_reset`` (returns the stats as they were, then zeroes them).
+        Routes ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI),
+        ``POST /v1/messages`` (Anthropic),
+        ``POST /openai/deployments/{deployment}/chat/completions`` (Azure OpenAI),
+        ``GET /_stats`` and ``POST /_reset`` (returns the stats as they were, then zeroes them).
 
     Examples
     --------
@@ -791,6 +1277,8 @@ def make_app(
     app[_STATE] = server
     app.router.add_get("/v1/models", server.models)
     app.router.add_post("/v1/chat/completions", server.chat)
+    app.router.add_post("/v1/messages", server.messages)
+    app.router.add_post("/openai/deployments/{deployment}/chat/completions", server.azure_chat)
     app.router.add_get("/_stats", server.get_stats)
     app.router.add_post("/_reset", server.reset_stats)
     app.router.add_route("*", "/{tail:.*}", server.not_found)
@@ -798,7 +1286,7 @@ def make_app(
 
 
 class FakeServer:
-    """A local OpenAI-compatible server, run in a background thread or on the current loop.
+    """A local OpenAI, Anthropic and Azure OpenAI server, run in a thread or on the current loop.
 
     Parameters
     ----------
@@ -856,11 +1344,17 @@ class FakeServer:
 
     @property
     def url(self) -> str:
-        """The base URL clients use, ``http://127.0.0.1:PORT/v1``."""
+        """The OpenAI base URL clients use, ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.origin}/v1"
+
+    @property
+    def origin(self) -> str:
+        """``http://127.0.0.1:PORT``: the Anthropic base URL (Anthropic's SDK takes it without
+        ``/v1``) and the Azure endpoint (``AZURE_OPENAI_ENDPOINT``)."""
         if self._runner is None:
             raise RuntimeError("the server is not running; use `with FakeServer() as srv:`")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{host}:{self.port}"
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters, safe to call from any thread.
@@ -868,11 +1362,12 @@ class FakeServer:
         Returns
         -------
         dict
-            ``requests`` (every POST to chat/completions), ``ok`` (200s, malformed ones
-            included), ``rate_limited`` (429s), ``failed`` (injected 5xx), ``dropped``,
-            ``malformed``, ``rejected`` (other 4xx), ``by_prompt`` (a ``Counter``: last user
-            message -> 200 answers), ``in_flight``, ``max_in_flight`` (peak concurrent
-            requests in the handler), ``prompt_tokens`` and ``completion_tokens`` (of 200s).
+            ``requests`` (every POST to a chat route: OpenAI, Anthropic or Azure), ``ok``
+            (200s, malformed ones included), ``rate_limited`` (429s), ``failed`` (injected
+            5xx), ``dropped``, ``malformed``, ``rejected`` (other 4xx), ``by_prompt`` (a
+            ``Counter``: last user message -> 200 answers), ``in_flight``, ``max_in_flight``
+            (peak concurrent requests in the handler), ``prompt_tokens`` and
+            ``completion_tokens`` (of 200s).
         """
         return self._server.stats.snapshot()
 
@@ -982,6 +1477,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--supports-tools", action=yes_no, default=True)
     p.add_argument("--supports-json-schema", action=yes_no, default=True)
     p.add_argument("--supports-json-object", action=yes_no, default=True)
+    p.add_argument("--filtered", nargs="+", default=(), help="words Azure's filter refuses")
     return p
 
 

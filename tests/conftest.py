@@ -16,7 +16,19 @@ def _clean_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     # Tests never see the developer's key or server, and never touch the user's cache.
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PARROT_PANDAS_MODEL"):
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "OPENAI_API_VERSION",
+        "PARROT_PANDAS_MODEL",
+        "PARROT_PANDAS_PROVIDER",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "ANTHROPIC_AUTH_TOKEN",
+        "AZURE_OPENAI_ENDPOINT",
+        "AZURE_OPENAI_API_KEY",
+        "AZURE_OPENAI_AD_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
     cache_dir = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("PARROT_PANDAS_CACHE", str(cache_dir / "responses.sqlite3"))

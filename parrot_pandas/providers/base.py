@@ -72,3 +72,45 @@ class Provider(Protocol):
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         """The rate-limit facts in a response's headers."""
+
+
+# Small readers the provider modules share.
+
+
+def error_message(body: Any) -> tuple[str, str | None]:
+    """The server's error message and machine-readable code, from whatever shape it used.
+
+    Reads OpenAI's ``{"error": {"message", "code", "type"}}``, Anthropic's
+    ``{"type": "error", "error": {"type", "message"}}``, and the shapes of compatible servers.
+    """
+    if isinstance(body, Mapping):
+        error = body.get("error") or body
+        if isinstance(error, Mapping):
+            # vLLM puts the HTTP status in `code` (400) and the useful name in `type`; Anthropic
+            # has only `type`.
+            code = error.get("code")
+            if not isinstance(code, str) or not code:
+                code = error.get("type") or code
+            message = error.get("message") or error.get("detail") or ""
+            return str(message), (str(code) if code is not None else None)
+        if isinstance(error, str):
+            return error, None
+    if isinstance(body, str):
+        return body.strip()[:500], None
+    return "", None
+
+
+def header_int(value: str | None) -> int | None:
+    """A count from a header, ``None`` when absent or unreadable."""
+    try:
+        return int(float(value)) if value is not None else None
+    except (ValueError, OverflowError):  # "abc", "nan", "inf"
+        return None
+
+
+def usage_count(value: Any) -> int:
+    """A token count from a usage object, 0 when absent or unreadable."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0

@@ -9,7 +9,7 @@ from typing import Any
 from ..config import redact_url
 from ..errors import APIError, StructuredOutputError
 from ..limits import LimitInfo, parse_duration, parse_retry_after
-from .base import Call, Completion, HTTPRequest
+from .base import Call, Completion, HTTPRequest, error_message, header_int, usage_count
 
 __all__ = ["OpenAIProvider"]
 
@@ -30,13 +30,19 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self, base_url: str, api_key: str | None = None) -> None:
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._base_url = base_url.rstrip("/")
+        self._url = self._base_url + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", **self._auth_headers(api_key)}
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({redact_url(self._url)!r})"
+
+    @staticmethod
+    def _auth_headers(api_key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _url_for(self, call: Call) -> str:
+        return self._url
 
     def build(self, call: Call) -> HTTPRequest:
         params = dict(call.params)
@@ -47,13 +53,13 @@ class OpenAIProvider:
         if call.schema is not None:
             body.update(_structured_fields(call))
         body.update(extra)
-        return HTTPRequest(self._url, self._headers, body)
+        return HTTPRequest(self._url_for(call), self._headers, body)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         choices = body.get("choices") if isinstance(body, Mapping) else None
         if not isinstance(choices, list):
             # vLLM can answer 200 with `"choices": null`, or with an error body (context too long).
-            message, _ = _error_message(body)
+            message, _ = error_message(body)
             detail = f"the server said: {message}" if message else str(body)[:200]
             raise StructuredOutputError(f"response has no 'choices': {detail}")
         structured = call.schema is not None
@@ -71,13 +77,13 @@ class OpenAIProvider:
         usage = usage if isinstance(usage, Mapping) else {}
         return Completion(
             texts=tuple(texts),
-            prompt_tokens=_count(usage.get("prompt_tokens")),
-            completion_tokens=_count(usage.get("completion_tokens")),
+            prompt_tokens=usage_count(usage.get("prompt_tokens")),
+            completion_tokens=usage_count(usage.get("completion_tokens")),
             limits=self.limits(headers),
         )
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        message, code = _error_message(body)
+        message, code = error_message(body)
         return APIError(
             message or f"the server answered HTTP {status} with no error message",
             status=status,
@@ -87,10 +93,10 @@ class OpenAIProvider:
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         return LimitInfo(
-            limit_requests=_int(headers.get("x-ratelimit-limit-requests")),
-            limit_tokens=_int(headers.get("x-ratelimit-limit-tokens")),
-            remaining_requests=_int(headers.get("x-ratelimit-remaining-requests")),
-            remaining_tokens=_int(headers.get("x-ratelimit-remaining-tokens")),
+            limit_requests=header_int(headers.get("x-ratelimit-limit-requests")),
+            limit_tokens=header_int(headers.get("x-ratelimit-limit-tokens")),
+            remaining_requests=header_int(headers.get("x-ratelimit-remaining-requests")),
+            remaining_tokens=header_int(headers.get("x-ratelimit-remaining-tokens")),
             reset_requests=_duration(headers.get("x-ratelimit-reset-requests")),
             reset_tokens=_duration(headers.get("x-ratelimit-reset-tokens")),
             retry_after=parse_retry_after(headers),
@@ -138,37 +144,6 @@ def _answer_text(message: Mapping[str, Any], *, structured: bool) -> str | None:
             p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
         )
     return content if isinstance(content, str) else None
-
-
-def _error_message(body: Any) -> tuple[str, str | None]:
-    if isinstance(body, Mapping):
-        error = body.get("error") or body
-        if isinstance(error, Mapping):
-            # vLLM puts the HTTP status in `code` (400) and the useful name in `type`.
-            code = error.get("code")
-            if not isinstance(code, str) or not code:
-                code = error.get("type") or code
-            message = error.get("message") or error.get("detail") or ""
-            return str(message), (str(code) if code is not None else None)
-        if isinstance(error, str):
-            return error, None
-    if isinstance(body, str):
-        return body.strip()[:500], None
-    return "", None
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(float(value)) if value is not None else None
-    except (ValueError, OverflowError):  # "abc", "nan", "inf"
-        return None
-
-
-def _count(value: Any) -> int:
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _duration(value: str | None) -> float | None:

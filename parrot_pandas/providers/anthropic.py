@@ -1,0 +1,257 @@
+"""The Anthropic Messages API (``POST {base_url}/v1/messages``), spoken natively.
+
+What differs from the OpenAI protocol, and how each difference is met:
+
+- The key goes in ``x-api-key``, with an ``anthropic-version`` header.
+- ``system`` is a top-level field, not a message.
+- ``max_tokens`` is required (the configuration supplies a default, see
+  ``config.DEFAULT_ANTHROPIC_MAX_TOKENS``).
+- There is no ``n``: one request gives one answer, and the scheduler asks again until a row
+  has its ``n`` samples.
+- ``extract`` strategies: ``"tools"`` forces one tool with ``tool_choice: {"type": "tool"}``;
+  ``"json_schema"`` uses structured outputs (``output_config.format``); ``"json_object"`` and
+  ``"prompt"`` send nothing extra, since the plan already put the schema in the system prompt
+  (the API has no plain JSON mode).
+- The answer is a list of ``content`` blocks (``text``, ``tool_use`` with an ``input`` object).
+- Rate limits come in ``anthropic-ratelimit-*`` headers whose resets are RFC 3339 timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from ..config import DEFAULT_ANTHROPIC_MAX_TOKENS, redact_url
+from ..errors import APIError, StructuredOutputError
+from ..limits import LimitInfo, parse_retry_after
+from .base import Call, Completion, HTTPRequest, error_message, header_int, usage_count
+from .openai import TOOL_NAME
+
+__all__ = ["ANTHROPIC_VERSION", "AnthropicProvider", "parse_reset_time"]
+
+# The Messages API version every current model serves (sent as the anthropic-version header).
+ANTHROPIC_VERSION = "2023-06-01"
+
+_RATE_LIMIT_PREFIX = "anthropic-ratelimit-"
+# Every token limit Anthropic announces; the tightest one is the run's token limit.
+_TOKEN_LIMITS = ("tokens", "input-tokens", "output-tokens")
+
+# RFC 3339: 2025-01-01T12:00:30Z, 2025-01-01T12:00:30.25+01:00 (fromisoformat reads neither
+# "Z" nor more than six fraction digits before Python 3.11).
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*([Zz]|[+-]\d{2}:?\d{2})?"
+)
+
+
+class AnthropicProvider:
+    """``POST {base_url}/v1/messages`` with an ``x-api-key`` header.
+
+    Parameters
+    ----------
+    base_url : str
+        Without ``/v1``, as Anthropic's SDK takes it (``ANTHROPIC_BASE_URL``), e.g.
+        ``https://api.anthropic.com``. A trailing ``/v1`` is tolerated.
+    api_key : str, optional
+        Sent as ``x-api-key``; a local test server may need none.
+    clock : callable, optional
+        Wall-clock time (as :func:`time.time`) that reset timestamps are measured from.
+    """
+
+    name = "anthropic"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._url = base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
+        self._headers = {
+            "Content-Type": "application/json",
+            "anthropic-version": ANTHROPIC_VERSION,
+        }
+        if api_key:
+            self._headers["x-api-key"] = api_key
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"AnthropicProvider({redact_url(self._url)!r})"
+
+    def build(self, call: Call) -> HTTPRequest:
+        params = dict(call.params)
+        extra = params.pop("extra_body", None) or {}
+        body: dict[str, Any] = {"model": call.model}
+        system = [m["content"] for m in call.messages if m.get("role") == "system"]
+        if system:
+            body["system"] = "\n\n".join(system)
+        body["messages"] = [dict(m) for m in call.messages if m.get("role") != "system"]
+        # call.n is not sent: the API has none, so one request is one sample.
+        body.update(_translate(params))
+        body.setdefault("max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS)
+        if call.schema is not None:
+            body.update(_structured_fields(call))
+        body.update(extra)
+        return HTTPRequest(self._url, self._headers, body)
+
+    def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
+        content = body.get("content") if isinstance(body, Mapping) else None
+        if not isinstance(content, list):
+            message, _ = error_message(body)
+            detail = f"the server said: {message}" if message else str(body)[:200]
+            raise StructuredOutputError(f"response has no 'content': {detail}")
+        stop = body.get("stop_reason")
+        text = _answer_text(content, structured=call.schema is not None)
+        if text is None and stop == "refusal":
+            raise StructuredOutputError("the model declined to answer (stop_reason 'refusal')")
+        if call.schema is not None and stop == "max_tokens":
+            # A structured answer cut short is never valid; say how to fix it.
+            raise StructuredOutputError(
+                "the answer was cut off at max_tokens (stop_reason 'max_tokens'); "
+                "pass a larger max_tokens="
+            )
+        usage = body.get("usage")
+        usage = usage if isinstance(usage, Mapping) else {}
+        # input_tokens leaves out what was read from or written to the prompt cache.
+        prompt_tokens = sum(
+            usage_count(usage.get(name))
+            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+        return Completion(
+            texts=(text,) if text is not None else (),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=usage_count(usage.get("output_tokens")),
+            limits=self.limits(headers),
+        )
+
+    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        # {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        message, code = error_message(body)
+        return APIError(
+            message or f"the server answered HTTP {status} with no error message",
+            status=status,
+            code=code,
+            retry_after=parse_retry_after(headers),
+        )
+
+    def limits(self, headers: Mapping[str, str]) -> LimitInfo:
+        now = self._clock()
+
+        def read(kind: str) -> tuple[int | None, int | None, float | None]:
+            prefix = f"{_RATE_LIMIT_PREFIX}{kind}-"
+            return (
+                header_int(headers.get(prefix + "limit")),
+                header_int(headers.get(prefix + "remaining")),
+                parse_reset_time(headers.get(prefix + "reset"), now),
+            )
+
+        limit_requests, remaining_requests, reset_requests = read("requests")
+        limit_tokens, remaining_tokens, reset_tokens = _tightest(
+            [read(kind) for kind in _TOKEN_LIMITS]
+        )
+        return LimitInfo(
+            limit_requests=limit_requests,
+            limit_tokens=limit_tokens,
+            remaining_requests=remaining_requests,
+            remaining_tokens=remaining_tokens,
+            reset_requests=reset_requests,
+            reset_tokens=reset_tokens,
+            retry_after=parse_retry_after(headers),
+        )
+
+
+def parse_reset_time(value: str | None, now: float) -> float | None:
+    """Seconds from ``now`` until an RFC 3339 timestamp (never negative); ``None`` if unreadable.
+
+    Examples
+    --------
+    >>> parse_reset_time("1970-01-01T00:01:00Z", now=30.0)
+    30.0
+    >>> parse_reset_time("1970-01-01T01:00:00.5+01:00", now=0.0)
+    0.5
+    >>> parse_reset_time("6m0s", now=0.0) is None
+    True
+    """
+    match = _RFC3339.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        return None
+    day, clock, fraction, offset = match.groups()
+    try:
+        when = datetime.fromisoformat(f"{day}T{clock}")
+    except ValueError:
+        return None
+    if fraction:
+        when += timedelta(seconds=float(f"0.{fraction}"))
+    zone = timezone.utc
+    if offset and offset not in ("Z", "z"):
+        sign = -1 if offset[0] == "-" else 1
+        hours, minutes = int(offset[1:3]), int(offset[-2:])
+        zone = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    return max(when.replace(tzinfo=zone).timestamp() - now, 0.0)
+
+
+def _tightest(
+    limits: list[tuple[int | None, int | None, float | None]],
+) -> tuple[int | None, int | None, float | None]:
+    """One token limit from Anthropic's several: the lowest limit and remaining, and the reset
+    of the bucket with the least left (the longest one among equals)."""
+    known = [entry for entry in limits if any(v is not None for v in entry)]
+    if not known:
+        return None, None, None
+    limit = min((entry[0] for entry in known if entry[0] is not None), default=None)
+    with_remaining = [entry for entry in known if entry[1] is not None]
+    if not with_remaining:
+        return limit, None, max((e[2] for e in known if e[2] is not None), default=None)
+    least = min(entry[1] for entry in with_remaining)
+    resets = [e[2] for e in with_remaining if e[1] == least and e[2] is not None]
+    return limit, least, max(resets, default=None)
+
+
+def _translate(params: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-named request parameters -> the Messages API's names."""
+    out = dict(params)
+    max_completion_tokens = out.pop("max_completion_tokens", None)
+    if max_completion_tokens is not None:
+        out.setdefault("max_tokens", max_completion_tokens)
+    stop = out.pop("stop", None)
+    if stop is not None:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    user = out.pop("user", None)
+    if user is not None:
+        out["metadata"] = {"user_id": user}
+    return out
+
+
+def _structured_fields(call: Call) -> dict[str, Any]:
+    schema = dict(call.schema or {})
+    if call.strategy == "tools":
+        return {
+            "tools": [
+                {
+                    "name": TOOL_NAME,
+                    "description": "Record every object found, as the items array.",
+                    "input_schema": schema,
+                }
+            ],
+            "tool_choice": {"type": "tool", "name": TOOL_NAME},
+        }
+    if call.strategy == "json_schema":
+        return {"output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    return {}
+
+
+def _answer_text(content: list[Any], *, structured: bool) -> str | None:
+    blocks = [b for b in content if isinstance(b, Mapping)]
+    if structured:
+        for block in blocks:
+            if block.get("type") == "tool_use" and "input" in block:
+                tool_input = block["input"]
+                return tool_input if isinstance(tool_input, str) else json.dumps(tool_input)
+    texts = [
+        b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)
+    ]
+    return "".join(texts) if texts else None

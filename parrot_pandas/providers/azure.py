@@ -1,0 +1,89 @@
+"""Azure OpenAI: the OpenAI Chat Completions body on Azure's deployment URLs.
+
+The request and response bodies are OpenAI's, so :class:`AzureOpenAIProvider` is an
+:class:`~parrot_pandas.providers.openai.OpenAIProvider` that differs only where Azure does:
+
+- the URL is ``{endpoint}/openai/deployments/{deployment}/chat/completions?api-version=...``,
+  with the ``model`` naming the deployment;
+- the key goes in the ``api-key`` header;
+- Azure's content filter refuses a prompt with a 400 ``content_filter`` (one row's error, not the
+  run's) and withholds an answer with ``finish_reason: "content_filter"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ..config import redact_url
+from ..errors import APIError, StructuredOutputError
+from .base import Call, Completion
+from .openai import OpenAIProvider
+
+__all__ = ["AzureOpenAIProvider"]
+
+CONTENT_FILTER = "content_filter"
+
+
+class AzureOpenAIProvider(OpenAIProvider):
+    """``POST {endpoint}/openai/deployments/{model}/chat/completions?api-version=...``.
+
+    Parameters
+    ----------
+    endpoint : str
+        The resource endpoint, as ``AZURE_OPENAI_ENDPOINT`` holds it, e.g.
+        ``https://my-resource.openai.azure.com``.
+    api_key : str, optional
+        Sent as the ``api-key`` header.
+    api_version : str
+        The ``api-version`` query parameter (``OPENAI_API_VERSION``), e.g. ``"2024-10-21"``.
+    """
+
+    name = "azure"
+
+    def __init__(self, endpoint: str, api_key: str | None = None, *, api_version: str) -> None:
+        super().__init__(endpoint, api_key)
+        self._api_version = api_version
+        self._query = urlencode({"api-version": api_version})
+
+    def __repr__(self) -> str:
+        return (
+            f"AzureOpenAIProvider({redact_url(self._base_url)!r}, "
+            f"api_version={self._api_version!r})"
+        )
+
+    @staticmethod
+    def _auth_headers(api_key: str | None) -> dict[str, str]:
+        return {"api-key": api_key} if api_key else {}
+
+    def _url_for(self, call: Call) -> str:
+        deployment = quote(call.model, safe="")
+        return f"{self._base_url}/openai/deployments/{deployment}/chat/completions?{self._query}"
+
+    def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
+        completion = super().parse(call, body, headers)
+        if not completion.texts and _filtered(body):
+            raise StructuredOutputError(
+                "Azure's content filter withheld the answer (finish_reason 'content_filter')"
+            )
+        return completion
+
+    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        error = super().error(status, body, headers)
+        if error.code == CONTENT_FILTER and "content filter" not in error.message.lower():
+            # The scheduler recognises a row's own 400 by its message: make sure it can.
+            error.message = f"Azure content filter: {error.message}"
+            error.args = (error.message,)
+        elif error.code == "DeploymentNotFound":
+            error.message += " (on Azure, model= is the deployment name)"
+            error.args = (error.message,)
+        return error
+
+
+def _filtered(body: Any) -> bool:
+    choices = body.get("choices") if isinstance(body, Mapping) else None
+    return any(
+        isinstance(choice, Mapping) and choice.get("finish_reason") == CONTENT_FILTER
+        for choice in choices or ()
+    )
