@@ -38,3 +38,10 @@ __all__ = [
     "price_of",
     "set_price",
 ]
+
+try:
+    import dask.dataframe as _dask_dataframe  # noqa: F401
+except ImportError:  # Dask is optional: pip install "parrot_pandas[dask]"
+    pass
+else:
+    from . import dask_accessor as _dask_accessor  # noqa: F401  (registers ddf.llm on Dask)

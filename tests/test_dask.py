@@ -1,0 +1,387 @@
+"""ddf.llm on Dask: lazy meta, the pandas path per partition, one rate budget per key."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pandas as pd
+import pytest
+
+dd = pytest.importorskip("dask.dataframe")
+distributed = pytest.importorskip("dask.distributed")
+
+import parrot_pandas.dask_accessor as pdask  # noqa: E402  (after the skips: it imports dask)
+from parrot_pandas import ConfigurationError, RowsFailedError  # noqa: E402
+from parrot_pandas.config import RunConfig  # noqa: E402
+from parrot_pandas.limits import LimitInfo  # noqa: E402
+from parrot_pandas.structured import output_dtypes  # noqa: E402
+
+NOWHERE = "http://127.0.0.1:9/v1"  # never contacted: nothing is computed
+
+FIELDS = {"name": str, "year": int, "score": float, "ok": bool, "kind": Literal["a", "b"]}
+
+
+@pytest.fixture
+def ddocs(docs: pd.DataFrame) -> Any:
+    return dd.from_pandas(docs, npartitions=2, sort=False)
+
+
+def _rows(count: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": [f"Row {i}: the quick brown fox." for i in range(count)]},
+        index=pd.RangeIndex(count, name="row"),
+    )
+
+
+# -- meta and validation, before anything is computed -----------------------------------------
+
+
+def test_generate_meta_is_exact_before_compute(ddocs):
+    out = ddocs.llm.generate("Say ${title}", output="said", base_url=NOWHERE)
+    assert list(out.columns) == ["title", "text", "said"]
+    assert out.dtypes["said"] == pd.StringDtype()
+    assert out.dtypes["title"] == ddocs.dtypes["title"]
+    assert out._meta.index.name == "doc"
+    coerced = ddocs.llm.generate("Say ${title}", base_url=NOWHERE, errors="coerce")
+    assert list(coerced.columns) == ["title", "text", "output", "llm_error"]
+    assert coerced.dtypes["llm_error"] == pd.StringDtype()
+
+
+def test_extract_meta_has_the_field_dtypes(ddocs):
+    out = ddocs.llm.extract("Facts: ${text}", FIELDS, base_url=NOWHERE)
+    assert list(out.columns) == ["title", "text", *FIELDS]
+    expected = output_dtypes(FIELDS)
+    for name in FIELDS:
+        assert out.dtypes[name] == expected[name], name
+    assert list(out.dtypes["kind"].categories) == ["a", "b"]
+
+
+def test_known_divisions_are_kept(server):
+    ddf = dd.from_pandas(_rows(20), npartitions=4)
+    out = ddf.llm.generate("${text}", n=3, base_url=server.url, cache=False)
+    assert out.divisions == ddf.divisions
+    result = out.compute(scheduler="threads")
+    # Each input label is repeated (two distinct echo answers) but stays in its partition.
+    assert list(result.index) == [i for i in range(20) for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda d: d.llm.generate("Say ${nope}", base_url=NOWHERE), "nope"),
+        (lambda d: d.llm.generate("Say ${title}", output="text", base_url=NOWHERE), "already"),
+        (lambda d: d.llm.generate("${title}", temprature=0, base_url=NOWHERE), "temperature"),
+        (lambda d: d.llm.extract("${title}", {"x": object}, base_url=NOWHERE), "x"),
+        (lambda d: d.llm.generate("${title}", chunksize=10, base_url=NOWHERE), "partition"),
+    ],
+)
+def test_configuration_errors_are_raised_on_the_client(ddocs, call, match):
+    with pytest.raises(ConfigurationError, match=match):
+        call(ddocs)
+
+
+def test_the_task_graph_does_not_show_the_key(ddocs):
+    out = ddocs.llm.generate("${title}", base_url=NOWHERE, api_key="sk-secret-123")
+    graph = out.__dask_graph__()
+    assert "sk-secret-123" not in repr(dict(graph))
+    assert all("sk-secret" not in str(key) for key in graph)
+
+
+# -- the same answers as pandas ----------------------------------------------------------------
+
+
+def test_generate_equals_the_pandas_path(docs, server):
+    ddf = dd.from_pandas(docs, npartitions=3, sort=False)
+    options = {"base_url": server.url, "cache": False, "n": 3}
+    out = ddf.llm.generate("Say: ${text}", output="said", **options).compute(scheduler="threads")
+    expected = ddf.compute().llm.generate("Say: ${text}", output="said", **options)
+    pd.testing.assert_frame_equal(out, expected)
+
+
+def test_extract_equals_the_pandas_path(docs, server):
+    ddf = dd.from_pandas(docs, npartitions=2, sort=False)
+    fields = {"name": str, "year": int}
+    options = {"base_url": server.url, "cache": False, "errors": "coerce"}
+    out = ddf.llm.extract("Facts:\n${text}", fields, **options).compute(scheduler="threads")
+    expected = ddf.compute().llm.extract("Facts:\n${text}", fields, **options)
+    pd.testing.assert_frame_equal(out, expected)
+    assert out["name"].tolist()[:3] == ["Ada", "Alan", "Alonzo"]
+
+
+def test_failed_rows_coerce_to_llm_error_or_raise(server_factory):
+    # The server refuses prompts over 40 tokens (a row-specific 400, not retried).
+    server = server_factory(context_window=40)
+    df = pd.DataFrame({"text": ["short", "x" * 400, "also short", "fine"]})
+    ddf = dd.from_pandas(df, npartitions=2)
+    options = {"base_url": server.url, "cache": False}
+    out = ddf.llm.generate("${text}", errors="coerce", **options)
+    result = out.compute(scheduler="threads")
+    assert list(result.columns) == list(out.columns)
+    assert result["llm_error"].notna().tolist() == [False, True, False, False]
+    assert result["output"].isna().tolist() == [False, True, False, False]
+    with pytest.raises(RowsFailedError) as info:
+        ddf.llm.generate("${text}", **options).compute(scheduler="threads")
+    assert list(info.value.errors.index) == [1]
+
+
+def test_partitions_in_one_process_share_one_budget(server_factory):
+    # 10 requests a second. With a budget per partition, the four setup requests and four
+    # bursts of ten would hit the server at once: about 30 of 60 requests answered 429.
+    server = server_factory(rpm=600, latency=0.05)
+    ddf = dd.from_pandas(_rows(40), npartitions=4)
+    out = ddf.llm.generate("${text}", base_url=server.url, cache=False)
+    result = out.compute(scheduler="threads")
+    assert (result["output"] == "echo: " + result["text"]).all()
+    stats = server.stats()
+    assert stats["rate_limited"] <= 2, stats
+
+
+# -- SharedBudget and its host, without Dask's scheduler ---------------------------------------
+
+
+class FakeHost:
+    """Records the calls a SharedBudget makes; answers acquire with fixed limits."""
+
+    def __init__(self, limits: tuple[Any, Any] = (1200.0, None), fail: bool = False) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.limits = limits
+        self.fail = fail
+
+    def __call__(self, method: str, *args: Any) -> concurrent.futures.Future[Any]:
+        self.calls.append((method, *args))
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self.fail:
+            done.set_exception(OSError("Unable to contact Actor's worker"))
+        else:
+            done.set_result(self.limits if method == "acquire" else None)
+        return done
+
+
+async def test_reports_ride_on_the_next_acquire():
+    host = FakeHost()
+    budget = pdask.SharedBudget(host)
+    info = LimitInfo(limit_requests=1200, remaining_requests=7)
+    budget.observe(info)
+    budget.settle(100, 80)
+    budget.settle(50, 50)  # nothing to correct: not sent
+    budget.observe(LimitInfo())  # says nothing: not sent
+    await budget.acquire(30)
+    assert host.calls == [("acquire", 30, [("observe", info), ("settle", 100, 80)])]
+    assert budget.requests_per_second(1.0) == pytest.approx(1200 * 0.98 / 60)
+    assert budget.snapshot()["rpm"] == 1200.0
+
+
+async def test_pause_goes_at_once_and_reports_flush(monkeypatch):
+    monkeypatch.setattr(pdask, "_REPORT_DELAY", 0.0)
+    host = FakeHost()
+    budget = pdask.SharedBudget(host)
+    budget.settle(10, 20)
+    budget.pause(2.5)
+    assert host.calls == [("pause", 2.5, [("settle", 10, 20)])]
+    budget.settle(10, 30)
+    await asyncio.sleep(0)  # the flush timer (0 s here) fires
+    await asyncio.sleep(0)
+    assert host.calls[-1] == ("report", [("settle", 10, 30)])
+    budget.flush()  # nothing left
+    assert len(host.calls) == 2
+
+
+async def test_unreachable_host_goes_alone_at_its_share():
+    lost = []
+    limits = pdask._Limits(rpm=None, tpm=None, share=4)
+    budget = pdask.SharedBudget(FakeHost(fail=True), limits=limits, on_lost=lambda: lost.append(1))
+    limits.rpm = 1200.0  # as learned from an earlier acquire
+    budget.observe(LimitInfo(limit_requests=1200, remaining_requests=100))
+    await budget.acquire(0)
+    assert lost == [1]
+    # A quarter of 1200 rpm, and the server's announcement does not lift it.
+    assert budget.snapshot()["rpm"] == 300.0
+    budget.observe(LimitInfo(limit_requests=1200))
+    assert budget.snapshot()["rpm"] == 300.0
+    assert "alone at 1/4" in repr(budget)
+
+
+async def test_alone_from_the_start_takes_the_announced_limit_share():
+    budget = pdask.SharedBudget(None, limits=pdask._Limits(share=2))
+    budget.observe(LimitInfo(limit_requests=600))
+    assert budget.snapshot()["rpm"] == 300.0
+
+
+async def test_local_partitions_share_one_host():
+    config = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60)
+    first, second = pdask.shared_budget(config), pdask.shared_budget(config)
+    await first.acquire(0)  # the bucket holds one request a second
+    first.pause(30.0)
+    started = time.monotonic()
+    other = asyncio.ensure_future(second.acquire(0))
+    await asyncio.sleep(0.2)
+    assert not other.done()  # the pause from one partition holds the other
+    other.cancel()
+    assert time.monotonic() - started < 5
+
+
+async def test_host_applies_reports_before_acquiring():
+    host = pdask._BudgetHost(rpm=None, tpm=None)
+    limits = await host.acquire(0, [("observe", LimitInfo(limit_requests=600))])
+    assert limits == (600.0, None)
+    await host.pause(1.0, [])
+    assert (await host.snapshot())["paused_until"] is not None
+
+
+def test_budget_name_hides_the_key_and_separates_servers():
+    def name(**options: Any) -> str:
+        return pdask.budget_name(RunConfig.from_options(**options))
+
+    base = {"base_url": "http://127.0.0.1:8000/v1", "api_key": "sk-abc"}
+    assert "sk-abc" not in name(**base)
+    assert name(**base) == name(**base)
+    assert name(**base) != name(**{**base, "api_key": "sk-other"})
+    assert name(**base) != name(**{**base, "base_url": "http://127.0.0.1:8001/v1"})
+    assert name(**base) != name(**base, rpm=100)
+
+
+# -- a real cluster: four worker processes, one key ---------------------------------------------
+
+
+@pytest.fixture
+def limited_server() -> Iterator[str]:
+    """``python -m parrot_pandas.testing --rpm 1200 --latency 0.2`` in its own process."""
+    cmd = [sys.executable, "-m", "parrot_pandas.testing", "--port", "0",
+           "--latency", "0.2", "--rpm", "1200"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        url = proc.stdout.readline().strip() if ready else ""
+        assert url.startswith("http"), "the test server did not start"
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _server_stats(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/_stats", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def cluster_client() -> Iterator[Any]:
+    with (
+        distributed.LocalCluster(
+            n_workers=4, processes=True, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        # Fresh worker processes import pandas, dask.dataframe and parrot_pandas when the first
+        # task arrives (seconds on a busy machine): a one-time cost of the cluster, not of the
+        # run being timed.
+        client.run(importlib.import_module, "parrot_pandas.dask_accessor")
+        yield client
+
+
+def _check_rows(result: pd.DataFrame, rows: int) -> None:
+    assert len(result) == rows
+    assert result.index.is_unique and sorted(result.index) == list(range(rows))
+    assert (result["answer"] == "echo: " + result["text"]).all()
+
+
+@pytest.mark.slow
+def test_four_workers_share_one_budget_at_the_limit(cluster_client, limited_server, tmp_path):
+    rows, rpm = 400, 1200
+    ddf = dd.from_pandas(_rows(rows), npartitions=8)
+    out = ddf.llm.generate(
+        "${text}", output="answer", base_url=limited_server, api_key="test-key",
+        cache=str(tmp_path / "cache.sqlite3"),
+    )  # fmt: skip
+    started = time.perf_counter()
+    result = out.compute()
+    wall = time.perf_counter() - started
+    stats = _server_stats(limited_server)
+    floor = rows / rpm * 60
+    share_429 = stats["rate_limited"] / stats["requests"]
+    print(
+        f"\ndask 4 workers x 1 thread, {rows} rows / 8 partitions, {rpm} rpm, 0.2 s latency: "
+        f"wall {wall:.2f} s, floor {floor:.1f} s, ratio {wall / floor:.3f}; "
+        f"server requests {stats['requests']}, 429 {stats['rate_limited']} "
+        f"({share_429:.1%}), max in flight {stats['max_in_flight']}"
+    )
+    _check_rows(result, rows)
+    assert stats["ok"] == rows  # every row paid once
+    assert share_429 < 0.02
+    assert wall <= 1.1 * floor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["a worker", "the budget's worker"])
+def test_a_dying_worker_loses_no_rows(cluster_client, limited_server, tmp_path, victim):
+    client = cluster_client
+    client.wait_for_workers(4, timeout=60)
+    rows = 200
+    ddf = dd.from_pandas(_rows(rows), npartitions=8)
+    out = ddf.llm.generate(
+        "${text}", output="answer", base_url=limited_server, api_key="test-key",
+        cache=str(tmp_path / "cache.sqlite3"),
+    )  # fmt: skip
+    name = pdask.budget_name(RunConfig.from_options(base_url=limited_server, api_key="test-key"))
+    future = client.compute(out)
+    deadline = time.monotonic() + 30
+    holders: list[str] = []
+    while not holders and time.monotonic() < deadline:
+        time.sleep(0.2)
+        holders = client.run_on_scheduler(_actor_holders, name=name)
+    assert holders, "the budget actor was never created"
+    time.sleep(2.0)  # let some answers arrive and reach the cache
+    busy = {addr for addr, keys in client.processing().items() if keys}
+    if victim == "the budget's worker":
+        target = holders[0]
+    else:
+        target = next(addr for addr in sorted(busy) if addr not in holders)
+    pids = client.run(os.getpid)
+    os.kill(pids[target], signal.SIGKILL)  # a worker process this test's cluster started
+    result = future.result(timeout=120)
+    stats = _server_stats(limited_server)
+    print(
+        f"\nkilled {victim}: server requests {stats['requests']}, answered {stats['ok']}, "
+        f"429 {stats['rate_limited']}"
+    )
+    _check_rows(result, rows)
+    # Rows finished before the death came from the cache; at most about a second of answers
+    # (those not yet flushed to it) were paid twice.
+    assert stats["ok"] <= rows + 40
+
+
+def _actor_holders(dask_scheduler: Any, name: str) -> list[str]:
+    task = dask_scheduler.tasks.get(name)
+    if task is None or task.state != "memory":
+        return []
+    return [ws.address for ws in task.who_has or ()]
+
+
+@pytest.mark.slow
+def test_failed_rows_cross_the_cluster(cluster_client, server_factory):
+    server = server_factory(context_window=40)
+    df = pd.DataFrame({"text": ["short", "x" * 400, "also short", "fine"]})
+    ddf = dd.from_pandas(df, npartitions=2)
+    out = ddf.llm.generate("${text}", base_url=server.url, cache=False, errors="coerce")
+    assert out.compute()["llm_error"].notna().tolist() == [False, True, False, False]
+    with pytest.raises(RowsFailedError) as info:
+        ddf.llm.generate("${text}", base_url=server.url, cache=False).compute()
+    assert list(info.value.errors.index) == [1]
+    assert len(info.value.result) == 2  # the failing partition's own partial result
