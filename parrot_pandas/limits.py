@@ -41,6 +41,13 @@ MAX_PAUSE = 60.0
 # wait; without this slack the waiter would wake again for a nanosecond.
 _EPSILON = 1e-9
 
+try:  # aiohttp's header mappings; aiohttp depends on multidict
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    _CASE_INSENSITIVE: tuple[type, ...] = (CIMultiDict, CIMultiDictProxy)
+except ImportError:  # pragma: no cover
+    _CASE_INSENSITIVE = ()
+
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 # Go's time.Duration.String() format, which OpenAI uses for x-ratelimit-reset-*.
 # "ms" must be tried before "m" and "s": "20ms" is twenty milliseconds, not 20 minutes.
@@ -104,9 +111,11 @@ def parse_duration(value: str) -> float:
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     """`name` from `headers`, whatever the case of the keys."""
     # aiohttp's CIMultiDictProxy and lowercase dicts answer get() directly; the scan
-    # is for hand-built dicts with "Retry-After" spelled as on the wire.
+    # is for hand-built dicts with "Retry-After" spelled as on the wire. A case-insensitive
+    # mapping is never scanned: every response lacks these headers, and the scan of every
+    # header per response was measurable.
     found = headers.get(name)
-    if found is not None:
+    if found is not None or isinstance(headers, _CASE_INSENSITIVE):
         return found
     for key, val in headers.items():
         if key.lower() == name:
@@ -173,7 +182,7 @@ def _nonnegative_number(value: str | None) -> float | None:
     return float(text) if _PLAIN_NUMBER.fullmatch(text) else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LimitInfo:
     """What one response says about the rate limits (every field optional).
 
@@ -196,6 +205,28 @@ class LimitInfo:
     reset_requests: float | None = None
     reset_tokens: float | None = None
     retry_after: float | None = None
+
+    def __init__(
+        self,
+        limit_requests: int | None = None,
+        limit_tokens: int | None = None,
+        remaining_requests: int | None = None,
+        remaining_tokens: int | None = None,
+        reset_requests: float | None = None,
+        reset_tokens: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        # One is built for every response: filling the instance dict directly costs half of
+        # the generated frozen __init__, which goes through object.__setattr__ per field.
+        self.__dict__.update(
+            limit_requests=limit_requests,
+            limit_tokens=limit_tokens,
+            remaining_requests=remaining_requests,
+            remaining_tokens=remaining_tokens,
+            reset_requests=reset_requests,
+            reset_tokens=reset_tokens,
+            retry_after=retry_after,
+        )
 
     @property
     def empty(self) -> bool:
@@ -444,6 +475,7 @@ class RateBudget:
         self._tokens: TokenBucket | None = None
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._queued = 0  # acquirers holding or waiting for the lock
         self._resize()
 
     def __repr__(self) -> str:
@@ -506,28 +538,47 @@ class RateBudget:
             Estimated tokens of the request (prompt plus expected completion).
         """
         self._note_cost(tokens)
+        if not self._queued and self._clock() >= self._paused_until and self._wait(tokens) <= 0:
+            # Nobody is queued and the request fits now: what the lock would grant at once,
+            # granted without it (most requests of an unlimited or unhurried run).
+            self._take(tokens)
+            return
         # One waiter at a time sleeps on the buckets; the rest queue on a FIFO lock.
         # That is fair, and it is cheaper than waking every waiter for each slot.
         # A pause or resize during a nap is seen when the nap ends (the loop
         # re-checks): a pause can only lengthen the wait, a faster limit costs at
         # most one nap computed at the old rate.
-        async with self._queue():
-            while True:
-                now = self._clock()
-                if now < self._paused_until:
-                    delay = self._paused_until - now + self._jitter()
-                else:
-                    delay = max(
-                        self._requests.wait_time(1) if self._requests else 0.0,
-                        self._tokens.wait_time(tokens) if self._tokens else 0.0,
-                    )
-                    if delay <= 0:
-                        break
-                await self._sleep(delay)
-            if self._requests is not None:
-                self._requests.take(1)
-            if self._tokens is not None:
-                self._tokens.take(tokens)
+        self._queued += 1
+        try:
+            async with self._queue():
+                while True:
+                    now = self._clock()
+                    if now < self._paused_until:
+                        delay = self._paused_until - now + self._jitter()
+                    else:
+                        delay = self._wait(tokens)
+                        if delay <= 0:
+                            break
+                    await self._sleep(delay)
+                self._take(tokens)
+        finally:
+            self._queued -= 1
+
+    def _wait(self, tokens: float) -> float:
+        """Seconds until both buckets hold one request costing `tokens` (0: now)."""
+        requests, budget = self._requests, self._tokens
+        if requests is None and budget is None:
+            return 0.0
+        return max(
+            requests.wait_time(1) if requests is not None else 0.0,
+            budget.wait_time(tokens) if budget is not None else 0.0,
+        )
+
+    def _take(self, tokens: float) -> None:
+        if self._requests is not None:
+            self._requests.take(1)
+        if self._tokens is not None:
+            self._tokens.take(tokens)
 
     def _note_cost(self, tokens: float) -> None:
         if tokens > self._largest_cost:

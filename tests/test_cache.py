@@ -375,7 +375,8 @@ def test_migrations_set_user_version_and_schema(path):
                 "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'responses'"
             )
         }
-    assert "WITHOUT ROWID" in sql
+    # A rowid table (rows appended in order) with (key, sample) unique: see _m002.
+    assert "WITHOUT ROWID" not in sql and "UNIQUE (key, sample)" in sql
     assert {"responses_model", "responses_created"} <= indexes
     ResponseCache(path).close()  # reopening runs nothing twice
 
@@ -388,12 +389,13 @@ def test_a_new_migration_runs_once_on_an_old_file(path, monkeypatch):
         calls.append(1)
         conn.execute("ALTER TABLE responses ADD COLUMN extra TEXT")
 
+    latest = len(cache_module._MIGRATIONS)
     monkeypatch.setattr(cache_module, "_MIGRATIONS", [*cache_module._MIGRATIONS, m002_example])
     ResponseCache(path).close()
     ResponseCache(path).close()
     assert calls == [1]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == latest + 1
 
 
 def test_a_failing_migration_leaves_the_file_as_it_was(path, monkeypatch):
@@ -403,13 +405,48 @@ def test_a_failing_migration_leaves_the_file_as_it_was(path, monkeypatch):
         conn.execute("ALTER TABLE responses ADD COLUMN extra TEXT")
         raise RuntimeError("boom")
 
+    latest = len(cache_module._MIGRATIONS)
     monkeypatch.setattr(cache_module, "_MIGRATIONS", [*cache_module._MIGRATIONS, m002_broken])
     with pytest.raises(RuntimeError, match="boom"):
         ResponseCache(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
         columns = [row[1] for row in conn.execute("PRAGMA table_info(responses)")]
     assert "extra" not in columns
+
+
+def test_a_version_1_file_moves_to_a_rowid_table_with_every_row(path, monkeypatch):
+    # A file as version 1 left it: responses WITHOUT ROWID, keyed by (key, sample).
+    with monkeypatch.context() as patched:
+        patched.setattr(cache_module, "_MIGRATIONS", cache_module._MIGRATIONS[:1])
+        with ResponseCache(path) as old:
+            old.put("k1", 0, "first", model="gpt-4o-mini", usage=(10, 2))
+            old.put("k1", 1, "second ☕", model="gpt-4o-mini", usage=(10, 3))
+            old.put("k2", 0, "x" * 5000, model="gpt-4o", usage=None)
+    _backdate(path, "k2", days=3)
+    columns = "key, sample, value, model, prompt_tokens, completion_tokens, created"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        before = sorted(conn.execute(f"SELECT {columns} FROM responses").fetchall())
+
+    with ResponseCache(path) as cache:
+        assert cache.get_many(["k1", "k2"], 2) == {
+            "k1": {0: "first", 1: "second ☕"},
+            "k2": {0: "x" * 5000},
+        }
+        cache.put("k1", 0, "replaced", model="gpt-4o-mini")  # the unique pair still replaces
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(cache_module._MIGRATIONS)
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'responses'").fetchone()[0]
+        after = sorted(conn.execute(f"SELECT {columns} FROM responses").fetchall())
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0  # compacted
+    assert "WITHOUT ROWID" not in sql
+    assert [row[:2] for row in after] == [row[:2] for row in before]
+    assert after[1:] == before[1:]  # every row intact but the one replaced
+    assert after[0][2] == "replaced"
+    assert cache_info(path)["models"] == {"gpt-4o-mini": 2, "gpt-4o": 1}
+    assert clear_cache(path, older_than=datetime.timedelta(days=1)) == 1  # k2, backdated
 
 
 def test_a_file_from_a_newer_version_is_refused(path):
@@ -662,7 +699,12 @@ def test_open_cache_rejects_anything_else(setting):
 def test_key_function_matches_request_key_for_every_field_position():
     from parrot_pandas.cache import key_function
 
-    fixed = {"base_url": "http://h/v1", "model": "m", "params": {"b": 1, "a": [1, 2]}, "schema": None}
+    fixed = {
+        "base_url": "http://h/v1",
+        "model": "m",
+        "params": {"b": 1, "a": [1, 2]},
+        "schema": None,
+    }
     for varying in ("aaa", "messages", "zzz", "params2"):
         key = key_function(fixed, varying)
         for value in (["x"], [{"role": "user", "content": "é \ud800"}], None, {"k": 1}):
