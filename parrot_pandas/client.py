@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import urllib.parse
 import urllib.request
@@ -112,14 +113,30 @@ class Client:
         # The standard proxy variables (HTTPS_PROXY, NO_PROXY, ...), once per URL.
         if url not in self._proxies:
             parts = urllib.parse.urlsplit(url)
-            bypass = urllib.request.proxy_bypass(parts.hostname or "")
+            host = parts.hostname or ""
+            # A local server (llama.cpp, the test server) is never reached through a proxy.
+            bypass = _is_loopback(host) or urllib.request.proxy_bypass(host)
             self._proxies[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
         return self._proxies[url]
 
     def _scrub(self, text: str) -> str:
-        if self._secret and self._secret in text:
+        # A key of a few characters (a local server's "x") is no secret, and replacing it
+        # everywhere would mangle the message ("ma***imum").
+        if self._secret and len(self._secret) >= _MIN_SECRET and self._secret in text:
             text = text.replace(self._secret, "***")
         return text
+
+
+_MIN_SECRET = 8
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _decode(raw: bytes) -> Any:

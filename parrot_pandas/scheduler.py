@@ -61,8 +61,12 @@ _ROW_SPECIFIC = re.compile(
 _RETRIED = (APIError, StructuredOutputError)
 # An error that names a structured-output parameter: the server does not support that strategy.
 _STRATEGY_PARAMETER = re.compile(
-    r"tool|function|response_format|json_schema|json_object|grammar|schema", re.IGNORECASE
+    r"tool|function|response_format|json_schema|json_object|grammar|schema|output_config"
+    r"|output_format",
+    re.IGNORECASE,
 )
+# Error codes that belong to one row's prompt (OpenAI's too-long prompt, Azure's content filter).
+_ROW_SPECIFIC_CODES = frozenset({"context_length_exceeded", "content_filter"})
 
 
 class Job:
@@ -180,6 +184,8 @@ class Scheduler:
         self.usage = Usage()
         self._clock = clock
         self._n = config.n
+        # Samples one request can return (Anthropic: 1, as its API has no n).
+        self._per_request = config.samples_per_request or config.n
         self._max_concurrency = config.max_concurrency
         self._max_output = config.max_output_tokens
         self._refresh = config.refresh
@@ -380,7 +386,7 @@ class Scheduler:
             if setup and self._probing:
                 await self._probe_strategies(job)
             while len(job.samples) < self._n:
-                want = self._n - len(job.samples)
+                want = min(self._n - len(job.samples), self._per_request)
                 # The first attempt goes out directly; only a failed one enters the retry policy
                 # (measured: its per-call bookkeeping was a tenth of the client's CPU).
                 try:
@@ -412,7 +418,7 @@ class Scheduler:
             self.plan = self.plan.with_strategy(strategy)
             last = strategy == strategies[-1]
             try:
-                answers = await self._send_probe(job, self._n)
+                answers = await self._send_probe(job, min(self._n, self._per_request))
             except StructuredOutputError as exc:
                 if last:
                     raise
@@ -554,7 +560,7 @@ class Scheduler:
     def _fail(self, job: Job, exc: Exception) -> None:
         job.error = str(exc)
         self._close(job)
-        logger.warning("%d row(s) failed after retries: %s", job.rows, job.error)
+        logger.warning("%d row(s) failed: %s", job.rows, job.error)
         self._emit(RowsFailed(rows=job.rows, error=job.error))
 
     @staticmethod
@@ -576,8 +582,7 @@ def _is_fatal(exc: Exception, *, setup: bool) -> bool:
     if not setup:
         return False
     return not (
-        exc.status == 400
-        and (exc.code == "context_length_exceeded" or _ROW_SPECIFIC.search(exc.message))
+        exc.status == 400 and (exc.code in _ROW_SPECIFIC_CODES or _ROW_SPECIFIC.search(exc.message))
     )
 
 

@@ -262,3 +262,21 @@ def test_a_serialized_request_does_not_need_the_key_in_its_repr():
     request = OpenAIProvider(BASE, KEY).build(CALL)
     assert KEY not in repr(request)
     assert KEY not in json.dumps(request.json)
+
+
+def test_loopback_is_never_proxied_and_short_keys_are_not_scrubbed(monkeypatch):
+    from parrot_pandas.client import Client
+    from parrot_pandas.providers import OpenAIProvider
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = Client(OpenAIProvider("http://127.0.0.1:1/v1"), secret="x")
+    assert client._proxy("http://127.0.0.1:1/v1/chat/completions") is None
+    assert client._proxy("http://localhost:1/v1/chat/completions") is None
+    assert (
+        client._proxy("http://example.invalid/v1/chat/completions") == "http://proxy.invalid:3128"
+    )
+    assert client._scrub("maximum context") == "maximum context"
+    long_key = Client(OpenAIProvider("http://127.0.0.1:1/v1"), secret="sk-long-secret")
+    assert long_key._scrub("bad key sk-long-secret") == "bad key ***"
