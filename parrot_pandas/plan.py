@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,7 +92,7 @@ class RequestPlan:
             model=self.config.model,
             messages=self.messages(prompt),
             n=n,
-            params=self.config.request_params,
+            params=self._params,
             schema=self.schema,
             strategy=self.strategy if self.fields is not None else None,
         )
@@ -101,9 +102,18 @@ class RequestPlan:
         # Providers count the tool / response-format schema as prompt tokens too.
         tokens = sum(approximate_tokens(m["content"]) for m in self.messages(prompt))
         tokens += self._schema_tokens
-        return math.ceil(tokens * prompt_ratio) + n * (self.config.max_output_tokens or 0)
+        return math.ceil(tokens * prompt_ratio) + n * self._max_output
 
-    @property
+    @cached_property
+    def _params(self) -> Mapping[str, Any]:
+        # Built once per run and shared read-only by every request (providers copy it).
+        return MappingProxyType(self.config.request_params)
+
+    @cached_property
+    def _max_output(self) -> int:
+        return self.config.max_output_tokens or 0
+
+    @cached_property
     def parse(self) -> Callable[[str], Any]:
         """Text of one sample -> its value (raises ``StructuredOutputError`` when invalid)."""
         if self.fields is None:
