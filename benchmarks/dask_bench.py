@@ -40,9 +40,12 @@ TARGET_RATIO = 1.1
 TARGET_429 = 0.02
 
 
-def _start_server() -> tuple[subprocess.Popen[str], str]:
+def _start_server(
+    flags: Sequence[str] = ("--latency", str(LATENCY), "--rpm", str(RPM)),
+) -> tuple[subprocess.Popen[str], str]:
+    """The test server in its own process, started with ``flags``; returns it and its URL."""
     cmd = [sys.executable, "-m", "parrot_pandas.testing", "--host", "127.0.0.1", "--port", "0",
-           "--latency", str(LATENCY), "--rpm", str(RPM)]  # fmt: skip
+           *flags]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 30)
