@@ -28,7 +28,15 @@ from typing import Any
 from ..config import DEFAULT_ANTHROPIC_MAX_TOKENS, redact_url
 from ..errors import APIError, StructuredOutputError
 from ..limits import LimitInfo, parse_retry_after
-from .base import Call, Completion, HTTPRequest, error_message, header_int, usage_count
+from .base import (
+    Call,
+    Completion,
+    HTTPRequest,
+    api_error,
+    error_message,
+    header_int,
+    usage_count,
+)
 from .openai import TOOL_NAME
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicProvider", "parse_reset_time"]
@@ -130,13 +138,7 @@ class AnthropicProvider:
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
         # {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-        message, code = error_message(body)
-        return APIError(
-            message or f"the server answered HTTP {status} with no error message",
-            status=status,
-            code=code,
-            retry_after=parse_retry_after(headers),
-        )
+        return api_error(status, body, headers)
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         now = self._clock()

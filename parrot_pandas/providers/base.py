@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import redact_url
-from ..limits import LimitInfo
+from ..errors import APIError
+from ..limits import LimitInfo, parse_retry_after
 
 __all__ = ["Call", "Completion", "HTTPRequest", "Provider"]
 
@@ -75,6 +76,17 @@ class Provider(Protocol):
 
 
 # Small readers the provider modules share.
+
+
+def api_error(status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+    """A non-2xx response -> the APIError carrying the server's own message and retry-after."""
+    message, code = error_message(body)
+    return APIError(
+        message or f"the server answered HTTP {status} with no error message",
+        status=status,
+        code=code,
+        retry_after=parse_retry_after(headers),
+    )
 
 
 def error_message(body: Any) -> tuple[str, str | None]:

@@ -9,7 +9,15 @@ from typing import Any
 from ..config import redact_url
 from ..errors import APIError, StructuredOutputError
 from ..limits import LimitInfo, parse_duration, parse_retry_after
-from .base import Call, Completion, HTTPRequest, error_message, header_int, usage_count
+from .base import (
+    Call,
+    Completion,
+    HTTPRequest,
+    api_error,
+    error_message,
+    header_int,
+    usage_count,
+)
 
 __all__ = ["OpenAIProvider"]
 
@@ -83,13 +91,7 @@ class OpenAIProvider:
         )
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        message, code = error_message(body)
-        return APIError(
-            message or f"the server answered HTTP {status} with no error message",
-            status=status,
-            code=code,
-            retry_after=parse_retry_after(headers),
-        )
+        return api_error(status, body, headers)
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         return LimitInfo(
