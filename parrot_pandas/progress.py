@@ -47,9 +47,18 @@ class ProgressBar:
         shown: dict[str, Any] = {k: v for k, v in self._counts.items() if v}
         self._bar.set_postfix(shown, refresh=False)
 
-    def close(self) -> None:
-        """Close the bar (also after an error or Ctrl-C), leaving its last line visible."""
+    def close(self, facts: dict[str, Any] | None = None) -> None:
+        """Close the bar (also after an error or Ctrl-C), leaving its last line visible.
+
+        ``facts`` (the run's ``attrs["llm"]``) put the tokens and the cost on that last line.
+        """
         with self._lock:
+            if facts is not None:
+                shown: dict[str, Any] = {k: v for k, v in self._counts.items() if v}
+                shown["tokens"] = f"{facts['prompt_tokens']}+{facts['completion_tokens']}"
+                if facts.get("cost") is not None:
+                    shown["cost"] = f"${facts['cost']:.4f}"
+                self._bar.set_postfix(shown, refresh=True)
             self._bar.close()
 
 

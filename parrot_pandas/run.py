@@ -195,7 +195,7 @@ class Run:
                     logger.info("%s", _summary(stats.facts))
         finally:
             if bar is not None:
-                bar.close()
+                bar.close(self._facts(stats))
             if cache is not None:
                 cache.close()
 
@@ -214,10 +214,13 @@ class Run:
             scalar=self.scalar,
             with_errors=with_errors or self.config.errors == "coerce",
         )
+        out.attrs["llm"] = self._facts(stats)
+        return out, errors
+
+    def _facts(self, stats: RunStats) -> dict[str, Any]:
         facts = dict(stats.facts)
         facts["cost"] = cost(self.config.model, facts["prompt_tokens"], facts["completion_tokens"])
-        out.attrs["llm"] = facts
-        return out, errors
+        return facts
 
 
 def prepare(

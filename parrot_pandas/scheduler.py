@@ -480,6 +480,16 @@ class Scheduler:
         self.budget.observe(completion.limits)
         usage.prompt_tokens += completion.prompt_tokens
         usage.completion_tokens += completion.completion_tokens
+        if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
+            logger.debug(
+                "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",
+                job.key[:12] if len(job.key) == 64 else "(prompt)",
+                want,
+                len(completion.texts),
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                latency,
+            )
         answers: list[tuple[str, Any]] = []
         problem: StructuredOutputError | None = None
         parse = plan.parse

@@ -38,3 +38,22 @@ def test_progress_false_prints_nothing_and_true_prints_the_bar(server, capsys):
     df.llm.generate("${t}", base_url=server.url, progress=True)
     err = capsys.readouterr().err
     assert "60/60" in err and "cached=60" in err
+
+
+def test_last_line_shows_tokens_and_cost(server, capsys):
+    df = pd.DataFrame({"t": [f"r{i}" for i in range(3)]})
+    df.llm.generate("${t}", base_url=server.url, progress=True, cache=False)
+    err = capsys.readouterr().err
+    assert "tokens=" in err and "cost=$" in err  # gpt-4o-mini has a known price
+
+
+def test_debug_log_per_request_has_no_bodies(server, caplog):
+    import logging
+
+    df = pd.DataFrame({"t": ["secret-prompt-text"]})
+    with caplog.at_level(logging.DEBUG, logger="parrot_pandas"):
+        df.llm.generate("${t}", base_url=server.url, cache=False, api_key="sk-never-logged-123")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("request ") for line in lines)
+    assert any(line.startswith("llm run: 1 rows") for line in lines)  # the INFO line
+    assert not any("secret-prompt-text" in line or "sk-never" in line for line in lines)
