@@ -18,7 +18,7 @@ from test_notebook import _ENV_TO_DROP, _text
 
 _DROP = (*_ENV_TO_DROP, "PARROT_PANDAS_PROVIDER")
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-GALLERY = ("summarize", "sentiment", "qa_pairs")
+GALLERY = ("summarize", "sentiment", "qa_pairs", "dask")
 
 Execute = Callable[..., dict[str, str]]
 
@@ -164,3 +164,11 @@ def test_server_from_the_environment(execute: Execute, server_factory) -> None:
     # Unknown price: cost is None before and after, never a guess.
     assert re.search(r"^cost\s+None\s+None\s*$", out["compare"], re.M)
     assert "sk-gallery-test" not in "".join(out.values())
+
+
+@pytest.mark.slow
+def test_dask(execute: Execute) -> None:
+    pytest.importorskip("dask.distributed")
+    out = execute("dask")
+    assert "name    string" in out["meta"] and "year     Int64" in out["meta"]
+    assert "40 rows; 40 years in range" in out["compute"]
