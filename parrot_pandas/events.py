@@ -15,8 +15,6 @@ from typing import Any
 __all__ = [
     "Event",
     "Listener",
-    "RequestDone",
-    "RequestSent",
     "RowsDone",
     "RowsFailed",
     "RowsSkipped",
@@ -57,26 +55,6 @@ class RunStarted(Event):
 
     rows: int
     usage: Usage | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class RequestSent(Event):
-    """A request left for the server (counted like :attr:`Usage.requests`).
-
-    The scheduler counts its requests in :class:`Usage`; this event is for other sources.
-    """
-
-
-@dataclass(frozen=True)
-class RequestDone(Event):
-    """A request came back with a 2xx answer (billed, even if the answer is then rejected).
-
-    Counted like :class:`RequestSent`: the scheduler adds its tokens to :class:`Usage`.
-    """
-
-    prompt_tokens: int
-    completion_tokens: int
-    latency: float
 
 
 @dataclass(frozen=True)
@@ -159,11 +137,6 @@ class RunStats:
             facts["done_rows"] += event.rows
             if event.cached:
                 facts["cached_rows"] += event.rows
-        elif isinstance(event, RequestSent):
-            facts["requests"] += 1
-        elif isinstance(event, RequestDone):
-            facts["prompt_tokens"] += event.prompt_tokens
-            facts["completion_tokens"] += event.completion_tokens
         elif isinstance(event, Retry):
             facts["retries"] += 1
         elif isinstance(event, RowsFailed):

@@ -8,8 +8,6 @@ import pytest
 
 from parrot_pandas.events import (
     Event,
-    RequestDone,
-    RequestSent,
     Retry,
     RowsDone,
     RowsFailed,
@@ -17,6 +15,7 @@ from parrot_pandas.events import (
     RunFinished,
     RunStarted,
     RunStats,
+    Usage,
 )
 
 
@@ -47,19 +46,16 @@ def test_a_fresh_run_has_every_fact_at_zero():
 def test_a_run_is_counted():
     clock = FakeClock()
     stats = RunStats(clock=clock)
+    # The scheduler counts what requests cost in place; RunStats reads it through RunStarted.
+    usage = Usage()
+    usage.requests, usage.prompt_tokens, usage.completion_tokens = 4, 150, 27
     events = [
-        RunStarted(rows=10),
+        RunStarted(rows=10, usage=usage),
         RowsSkipped(rows=1),
         RowsDone(rows=3, cached=True),
-        RequestSent(),
-        RequestDone(prompt_tokens=100, completion_tokens=20, latency=0.5),
         RowsDone(rows=2),
-        RequestSent(),
         Retry(attempt=1, wait=0.25, error="HTTP 429: slow down"),
-        RequestSent(),
-        RequestDone(prompt_tokens=50, completion_tokens=7, latency=0.4),
         RowsDone(rows=1),
-        RequestSent(),
         RowsFailed(rows=2, error="HTTP 400: too long"),
         RowsSkipped(rows=1),
     ]
@@ -78,7 +74,7 @@ def test_a_run_is_counted():
         "retries": 1,
         "prompt_tokens": 150,
         "completion_tokens": 27,
-        "elapsed": 1.5,
+        "elapsed": 0.9,
         "model": "m",
         "concurrency": 8,
     }
@@ -88,7 +84,7 @@ def test_elapsed_follows_the_injected_clock_rounded_to_milliseconds():
     clock = FakeClock(100.0)
     stats = RunStats(clock=clock)
     clock.t = 102.34567
-    stats(RequestSent())
+    stats(RowsSkipped(rows=1))
     assert stats.facts["elapsed"] == 2.346
 
 
