@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import select
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,41 +28,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 # Benchmark the checkout this file belongs to, installed or not.
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (the test server in its own process)
 
 RPM = 1200
 LATENCY = 0.2
 TARGET_RATIO = 1.1
 TARGET_429 = 0.02
-
-
-def _start_server(
-    flags: Sequence[str] = ("--latency", str(LATENCY), "--rpm", str(RPM)),
-) -> tuple[subprocess.Popen[str], str]:
-    """The test server in its own process, started with ``flags``; returns it and its URL."""
-    cmd = [sys.executable, "-m", "parrot_pandas.testing", "--host", "127.0.0.1", "--port", "0",
-           *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    url = proc.stdout.readline().strip() if ready else ""
-    if not url.startswith("http"):
-        proc.kill()
-        raise RuntimeError(f"the server did not start: {url!r}")
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _stats(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url.removesuffix("/v1") + "/_stats", timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def measure(rows: int, workers: int, partitions: int) -> dict[str, Any]:
@@ -78,8 +45,8 @@ def measure(rows: int, workers: int, partitions: int) -> dict[str, Any]:
 
     import parrot_pandas  # noqa: F401  (registers ddf.llm)
 
-    server, url = _start_server()
-    try:
+    with bench.Server(latency=LATENCY, rpm=RPM) as server:
+        url = server.url
         with (
             LocalCluster(
                 n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None
@@ -97,9 +64,7 @@ def measure(rows: int, workers: int, partitions: int) -> dict[str, Any]:
             started = time.perf_counter()
             result = out.compute()
             wall = time.perf_counter() - started
-        stats = _stats(url)
-    finally:
-        _stop(server)
+        stats = server.stats()
     correct = int((result["output"] == "echo: " + result["text"]).sum())
     return {"rows": rows, "workers": workers, "partitions": partitions, "wall": wall,
             "floor": rows / RPM * 60, "correct": correct, "server": stats}  # fmt: skip

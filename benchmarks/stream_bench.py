@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dask_bench  # noqa: E402  (the server start/stop helpers)
-import run as bench  # noqa: E402  (documents, the bare loop, RSS)
+import run as bench  # noqa: E402  (the server, documents, the bare loop, RSS)
 
 CHUNK = 10_000
 TARGET_RSS_MB = 1024
@@ -84,14 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_bare_child(args.url, args.rows)))
         return 0
 
-    server, url = dask_bench._start_server(())
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = str(Path(tmp) / "out.parquet")
-            stream = _in_child("stream", url, args.rows, out)
-            bare = _in_child("bare", url, args.rows, out)
-    finally:
-        dask_bench._stop(server)
+    with bench.Server() as server, tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "out.parquet")
+        stream = _in_child("stream", server.url, args.rows, out)
+        bare = _in_child("bare", server.url, args.rows, out)
     stream_rate = stream["rows"] / stream["wall"]
     bare_rate = bare["rows"] / bare["wall"]
     ok = stream["peak_rss"] < TARGET_RSS_MB and stream["rows"] == args.rows
