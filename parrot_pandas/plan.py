@@ -97,12 +97,15 @@ class RequestPlan:
             strategy=self.strategy if self.fields is not None else None,
         )
 
-    def cost(self, prompt: str, n: int, prompt_ratio: float = 1.0) -> int:
-        """Tokens the provider counts against the limit on admission: prompt + n * max_tokens."""
+    def cost(self, call: Call, prompt_ratio: float = 1.0) -> int:
+        """Tokens the provider counts against the limit on admission: prompt + n * max_tokens.
+
+        Takes the built call, so its messages are not rendered a second time per request.
+        """
         # Providers count the tool / response-format schema as prompt tokens too.
-        tokens = sum(approximate_tokens(m["content"]) for m in self.messages(prompt))
+        tokens = sum(approximate_tokens(m["content"]) for m in call.messages)
         tokens += self._schema_tokens
-        return math.ceil(tokens * prompt_ratio) + n * self._max_output
+        return math.ceil(tokens * prompt_ratio) + call.n * self._max_output
 
     @cached_property
     def _params(self) -> Mapping[str, Any]:

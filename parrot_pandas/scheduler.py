@@ -461,13 +461,14 @@ class Scheduler:
     async def _send(self, job: Job, want: int) -> list[tuple[str, Any]]:
         plan = self.plan
         assert job.prompt is not None
-        cost = plan.cost(job.prompt, want, self._prompt_ratio)
+        call = plan.call(job.prompt, want)
+        cost = plan.cost(call, self._prompt_ratio)
         await self.budget.acquire(cost)
         usage = self.usage
         usage.requests += 1
         started = self._clock()
         try:
-            completion = await self.client.send(plan.call(job.prompt, want))
+            completion = await self.client.send(call)
         except (APIError, StructuredOutputError) as exc:
             self.budget.settle(cost, 0)
             if isinstance(exc, APIError):
