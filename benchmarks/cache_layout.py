@@ -25,9 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from parrot_pandas import cache as cache_module  # noqa: E402
-from parrot_pandas.cache import ResponseCache, cache_info  # noqa: E402
-from parrot_pandas.scheduler import LOOKUP_BATCH  # noqa: E402
+from parrot_pandas import _cache as cache_module  # noqa: E402
+from parrot_pandas._cache import ResponseCache, cache_info  # noqa: E402
+from parrot_pandas._scheduler import LOOKUP_BATCH  # noqa: E402
 
 
 def answers(rows: int, size: int, seed: int = 11) -> list[tuple[str, str]]:

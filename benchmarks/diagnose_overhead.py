@@ -54,7 +54,9 @@ def _patch(opts: set[str]) -> None:
         aiohttp.ClientSession.__init__ = init  # type: ignore[method-assign]
     if "parrot" not in opts:
         return
-    from parrot_pandas import limits, plan, scheduler
+    from parrot_pandas import _limits as limits
+    from parrot_pandas import _plan as plan
+    from parrot_pandas import _scheduler as scheduler
 
     if "noemit" in opts:
         scheduler.Scheduler._emit = lambda self, event: None  # type: ignore[method-assign]

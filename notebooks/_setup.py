@@ -25,7 +25,7 @@ import dataclasses
 import os
 import tempfile
 
-from parrot_pandas.config import DEFAULT_MODEL
+from parrot_pandas._config import DEFAULT_MODEL
 
 __all__ = ["Server", "use_server"]
 

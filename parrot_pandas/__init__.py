@@ -8,8 +8,9 @@ Importing the package registers the ``DataFrame.llm`` accessor::
 
 from __future__ import annotations
 
+from ._cache import cache_info, clear_cache
+from ._pricing import Price, count_tokens, price_of, set_price
 from .accessor import LLMAccessor
-from .cache import cache_info, clear_cache
 from .errors import (
     APIConnectionError,
     APIError,
@@ -18,7 +19,6 @@ from .errors import (
     RowsFailedError,
     StructuredOutputError,
 )
-from .pricing import Price, count_tokens, price_of, set_price
 
 __version__ = "0.1.0"
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pandas as pd
 
+from ._pricing import estimate as _estimate
+from ._run import Run, prepare
+from ._runner import iterate_sync, run_sync
 from .errors import ConfigurationError
-from .pricing import estimate as _estimate
-from .run import Run, prepare
-from .runner import iterate_sync, run_sync
 
 __all__ = ["LLMAccessor"]
 

@@ -27,7 +27,7 @@ How the budget is shared
 ------------------------
 Every partition that uses the same API key and server asks one budget for permission before
 each request. Under ``dask.distributed`` that budget is a
-:class:`~parrot_pandas.limits.RateBudget` living in a Dask *actor* on one worker, named
+:class:`~parrot_pandas._limits.RateBudget` living in a Dask *actor* on one worker, named
 ``parrot_pandas-budget-<hash>`` where the hash covers the base URL, the key and the user's
 ``rpm``/``tpm`` (the key itself is never in the name, a log or the task graph's repr). A
 partition talks to it through :class:`SharedBudget`: one round trip per request
@@ -83,12 +83,12 @@ import dask.dataframe as dd
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
-from .config import RunConfig
+from ._config import RunConfig
+from ._frame import explode
+from ._limits import LimitInfo, RateBudget
+from ._run import Run, prepare
+from ._runner import run_sync
 from .errors import ConfigurationError
-from .frame import explode
-from .limits import LimitInfo, RateBudget
-from .run import Run, prepare
-from .runner import run_sync
 
 __all__ = ["DaskLLMAccessor", "SharedBudget", "budget_name"]
 
@@ -286,7 +286,7 @@ def budget_name(config: RunConfig) -> str:
 
     Examples
     --------
-    >>> from parrot_pandas.config import RunConfig
+    >>> from parrot_pandas._config import RunConfig
     >>> config = RunConfig.from_options(base_url="http://127.0.0.1:8000/v1", api_key="sk-x")
     >>> name = budget_name(config)
     >>> name.startswith("parrot_pandas-budget-") and "sk-x" not in name
@@ -367,7 +367,7 @@ class _BudgetHost:
 
 
 class SharedBudget:
-    """A :class:`~parrot_pandas.limits.Budget` whose state lives in a shared :class:`_BudgetHost`.
+    """A :class:`~parrot_pandas._limits.Budget` whose state lives in a shared :class:`_BudgetHost`.
 
     One per partition run, used from that run's event loop. ``acquire`` is one round trip to
     the host; ``settle`` and ``observe`` are batched and sent with the next ``acquire`` (or

@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.cache: keys, paths, buffering, sharing a file between processes."""
+"""Tests for parrot_pandas._cache: keys, paths, buffering, sharing a file between processes."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from parrot_pandas import cache as cache_module
-from parrot_pandas.cache import (
+from parrot_pandas import _cache as cache_module
+from parrot_pandas._cache import (
     ResponseCache,
     cache_info,
     clear_cache,
@@ -499,7 +499,7 @@ def test_sigkill_keeps_everything_flushed_before(tmp_path):
     child = run_python(
         f"""
         import os, signal, time
-        from parrot_pandas.cache import ResponseCache
+        from parrot_pandas._cache import ResponseCache
 
         cache = ResponseCache({str(path)!r}, flush_interval=3600, flush_size=10**6)
         for i in range(100):
@@ -525,7 +525,7 @@ def test_sigkill_after_a_quiet_second_loses_nothing(tmp_path):
     child = run_python(
         f"""
         import os, signal, time
-        from parrot_pandas.cache import ResponseCache
+        from parrot_pandas._cache import ResponseCache
 
         cache = ResponseCache({str(path)!r}, flush_interval=0.1)
         for i in range(10):
@@ -544,7 +544,7 @@ def test_sigkill_in_the_middle_of_writing_leaves_a_readable_file(tmp_path):
     child = run_python(
         f"""
         import sys
-        from parrot_pandas.cache import ResponseCache
+        from parrot_pandas._cache import ResponseCache
 
         cache = ResponseCache({str(path)!r}, flush_interval=3600, flush_size=10**6)
         i = 0
@@ -697,7 +697,7 @@ def test_open_cache_rejects_anything_else(setting):
 
 
 def test_key_function_matches_request_key_for_every_field_position():
-    from parrot_pandas.cache import key_function
+    from parrot_pandas._cache import key_function
 
     fixed = {
         "base_url": "http://h/v1",
@@ -712,7 +712,7 @@ def test_key_function_matches_request_key_for_every_field_position():
 
 
 def test_key_function_rejects_credentials_in_the_fixed_part():
-    from parrot_pandas.cache import key_function
+    from parrot_pandas._cache import key_function
 
     with pytest.raises(ValueError, match="credential"):
         key_function({"params": {"api_key": "sk-x"}}, "messages")

@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.client: HTTP answers and failures mapped to our results and errors.
+"""Tests for parrot_pandas._client: HTTP answers and failures mapped to our results and errors.
 
 aiohttp is mocked with aioresponses: no sockets, no real time.
 """
@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 
-from parrot_pandas.client import Client
+from parrot_pandas._client import Client
 from parrot_pandas.errors import APIConnectionError, APIError, StructuredOutputError
 from parrot_pandas.providers import Call, Completion, OpenAIProvider
 
@@ -265,7 +265,7 @@ def test_a_serialized_request_does_not_need_the_key_in_its_repr():
 
 
 def test_loopback_is_never_proxied_and_short_keys_are_not_scrubbed(monkeypatch):
-    from parrot_pandas.client import Client
+    from parrot_pandas._client import Client
     from parrot_pandas.providers import OpenAIProvider
 
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")

@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.config: options, the environment, validation, secrets."""
+"""Tests for parrot_pandas._config: options, the environment, validation, secrets."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parrot_pandas.config import (
+from parrot_pandas._config import (
     DEFAULT_BASE_URL,
     DEFAULT_MODEL,
     REQUEST_PARAMETERS,
     RUN_SETTINGS,
     RunConfig,
-    redact_url,
 )
+from parrot_pandas._secrets import redact_url
 from parrot_pandas.errors import ConfigurationError
 
 LOCAL = "http://127.0.0.1:8080/v1"

@@ -24,9 +24,9 @@ distributed = pytest.importorskip("dask.distributed")
 
 import parrot_pandas.dask_accessor as pdask  # noqa: E402  (after the skips: it imports dask)
 from parrot_pandas import ConfigurationError, RowsFailedError  # noqa: E402
-from parrot_pandas.config import RunConfig  # noqa: E402
-from parrot_pandas.limits import LimitInfo  # noqa: E402
-from parrot_pandas.structured import output_dtypes  # noqa: E402
+from parrot_pandas._config import RunConfig  # noqa: E402
+from parrot_pandas._limits import LimitInfo  # noqa: E402
+from parrot_pandas._structured import output_dtypes  # noqa: E402
 
 NOWHERE = "http://127.0.0.1:9/v1"  # never contacted: nothing is computed
 

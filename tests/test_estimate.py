@@ -9,10 +9,10 @@ import types
 import pandas as pd
 import pytest
 
-from parrot_pandas import pricing
-from parrot_pandas.cache import ResponseCache, default_cache_path
-from parrot_pandas.pricing import approximate_tokens
-from parrot_pandas.run import prepare
+from parrot_pandas import _pricing as pricing
+from parrot_pandas._cache import ResponseCache, default_cache_path
+from parrot_pandas._pricing import approximate_tokens
+from parrot_pandas._run import prepare
 
 COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
 

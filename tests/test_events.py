@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.events: the run facts RunStats counts from scheduler events."""
+"""Tests for parrot_pandas._events: the run facts RunStats counts from scheduler events."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from parrot_pandas.events import (
+from parrot_pandas._events import (
     Event,
     Retry,
     RowsDone,

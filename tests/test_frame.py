@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.frame.explode: answers -> the output DataFrame."""
+"""Tests for parrot_pandas._frame.explode: answers -> the output DataFrame."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from parrot_pandas.frame import ERROR_COLUMN, explode
-from parrot_pandas.structured import normalize_fields
+from parrot_pandas._frame import ERROR_COLUMN, explode
+from parrot_pandas._structured import normalize_fields
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.limits: header parsing, token buckets, the rate budget.
+"""Tests for parrot_pandas._limits: header parsing, token buckets, the rate budget.
 
 Nothing here sleeps for real: buckets and budgets get a fake clock, and the budget's
 sleep parks the task on a virtual timeline (see VirtualClock).
@@ -17,7 +17,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from parrot_pandas.limits import (
+from parrot_pandas._limits import (
     Budget,
     LimitInfo,
     RateBudget,

@@ -10,8 +10,9 @@ import types
 
 import pytest
 
-from parrot_pandas import ConfigurationError, pricing
-from parrot_pandas.pricing import (
+from parrot_pandas import ConfigurationError
+from parrot_pandas import _pricing as pricing
+from parrot_pandas._pricing import (
     PRICES,
     Price,
     approximate_tokens,

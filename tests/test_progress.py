@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from parrot_pandas.events import Retry, RowsDone, RowsFailed, RowsSkipped
-from parrot_pandas.progress import ProgressBar, progress_listener
+from parrot_pandas._events import Retry, RowsDone, RowsFailed, RowsSkipped
+from parrot_pandas._progress import ProgressBar, progress_listener
 
 
 def test_bar_counts_rows_and_shows_cached_retries_failed(capsys):

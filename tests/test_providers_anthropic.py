@@ -17,21 +17,21 @@ import pandas as pd
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from parrot_pandas.client import Client
-from parrot_pandas.config import DEFAULT_ANTHROPIC_MAX_TOKENS, RunConfig
+from parrot_pandas._client import Client
+from parrot_pandas._config import DEFAULT_ANTHROPIC_MAX_TOKENS, RunConfig
+from parrot_pandas._limits import RateBudget
+from parrot_pandas._plan import RequestPlan
+from parrot_pandas._scheduler import Scheduler
+from parrot_pandas._structured import items_schema, normalize_fields
 from parrot_pandas.errors import (
     APIError,
     ConfigurationError,
     RowsFailedError,
     StructuredOutputError,
 )
-from parrot_pandas.limits import RateBudget
-from parrot_pandas.plan import RequestPlan
 from parrot_pandas.providers import AnthropicProvider, Call, provider_for
 from parrot_pandas.providers.anthropic import ANTHROPIC_VERSION, parse_reset_time
 from parrot_pandas.providers.openai import TOOL_NAME
-from parrot_pandas.scheduler import Scheduler
-from parrot_pandas.structured import items_schema, normalize_fields
 from parrot_pandas.testing import FakeServer
 
 KEY = "sk-ant-test-0123456789abcdef"

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from parrot_pandas.client import Client
-from parrot_pandas.config import RunConfig
+from parrot_pandas._client import Client
+from parrot_pandas._config import RunConfig
+from parrot_pandas._limits import RateBudget
+from parrot_pandas._plan import RequestPlan
+from parrot_pandas._scheduler import Scheduler
+from parrot_pandas._structured import items_schema, normalize_fields
 from parrot_pandas.errors import APIError, ConfigurationError, StructuredOutputError
-from parrot_pandas.limits import RateBudget
-from parrot_pandas.plan import RequestPlan
 from parrot_pandas.providers import AzureOpenAIProvider, Call, OpenAIProvider, provider_for
-from parrot_pandas.scheduler import Scheduler
-from parrot_pandas.structured import items_schema, normalize_fields
 from parrot_pandas.testing import FakeServer
 
 KEY = "azure-test-key-0123456789abcdef"

@@ -7,9 +7,9 @@ import json
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from parrot_pandas.config import RunConfig
+from parrot_pandas._config import RunConfig
+from parrot_pandas._limits import LimitInfo
 from parrot_pandas.errors import APIError, StructuredOutputError
-from parrot_pandas.limits import LimitInfo
 from parrot_pandas.providers import Call, Completion, OpenAIProvider, provider_for
 from parrot_pandas.providers.openai import TOOL_NAME
 

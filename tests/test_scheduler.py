@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 import pytest
 
-from parrot_pandas.config import RunConfig
+from parrot_pandas._config import RunConfig
+from parrot_pandas._events import Retry, RowsDone, RowsFailed, RowsSkipped, RunStats
+from parrot_pandas._limits import LimitInfo, RateBudget
+from parrot_pandas._plan import RequestPlan
+from parrot_pandas._scheduler import Scheduler
 from parrot_pandas.errors import APIConnectionError, APIError
-from parrot_pandas.events import Retry, RowsDone, RowsFailed, RowsSkipped, RunStats
-from parrot_pandas.limits import LimitInfo, RateBudget
-from parrot_pandas.plan import RequestPlan
 from parrot_pandas.providers import Call, Completion
 from parrot_pandas.providers.openai import OpenAIProvider
-from parrot_pandas.scheduler import Scheduler
 
 
 class ScriptedClient:
@@ -249,7 +249,7 @@ async def test_auto_strategy_moves_on_when_the_server_ignores_it():
             text = "Sure! Here you go." if call.strategy == "tools" else '{"items": [{"a": "1"}]}'
             return Completion(texts=(text,), prompt_tokens=1, completion_tokens=1)
 
-    from parrot_pandas.structured import normalize_fields
+    from parrot_pandas._structured import normalize_fields
 
     config = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", cache=False)
     plan = RequestPlan(config, normalize_fields(["a"]), strategy="tools")

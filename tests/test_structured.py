@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.structured: fields, schema, parsing, coercion, dedupe, columns."""
+"""Tests for parrot_pandas._structured: fields, schema, parsing, coercion, dedupe, columns."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from parrot_pandas.errors import ConfigurationError, StructuredOutputError
-from parrot_pandas.structured import (
+from parrot_pandas._structured import (
     Field,
     dedupe_items,
     items_schema,
@@ -24,6 +23,7 @@ from parrot_pandas.structured import (
     schema_instructions,
     to_column,
 )
+from parrot_pandas.errors import ConfigurationError, StructuredOutputError
 
 
 class Color(enum.Enum):
@@ -201,7 +201,7 @@ def test_pydantic_unsupported_and_reserved():
 
 def test_importing_structured_does_not_import_pydantic():
     code = (
-        "import sys, parrot_pandas.structured as s; "
+        "import sys, parrot_pandas._structured as s; "
         "s.normalize_fields({'a': int}); print('pydantic' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""Tests for parrot_pandas.template: placeholders, the checks before any request, rendering."""
+"""Tests for parrot_pandas._template: placeholders, the checks before any request, rendering."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from parrot_pandas._template import PromptTemplate
 from parrot_pandas.errors import ConfigurationError
-from parrot_pandas.template import PromptTemplate
 
 
 def render_all(template: str, frame: pd.DataFrame) -> list[str | None]:
@@ -202,7 +202,7 @@ def test_rows_of_an_empty_frame():
 
 
 def test_rows_span_several_blocks_in_order(monkeypatch):
-    monkeypatch.setattr("parrot_pandas.template._BLOCK", 3)
+    monkeypatch.setattr("parrot_pandas._template._BLOCK", 3)
     values = [f"v{i}" if i % 4 else None for i in range(10)]
     frame = pd.DataFrame({"a": values})
     assert render_all("<${a}>", frame) == [None if v is None else f"<{v}>" for v in values]

@@ -25,9 +25,10 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..config import DEFAULT_ANTHROPIC_MAX_TOKENS, redact_url
+from .._config import DEFAULT_ANTHROPIC_MAX_TOKENS
+from .._limits import LimitInfo, parse_retry_after
+from .._secrets import redact_url
 from ..errors import APIError, StructuredOutputError
-from ..limits import LimitInfo, parse_retry_after
 from .base import (
     Call,
     Completion,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ..config import redact_url
+from .._secrets import redact_url
 from ..errors import APIError, StructuredOutputError
 from .base import Call, Completion
 from .openai import OpenAIProvider

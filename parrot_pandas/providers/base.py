@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..config import redact_url
+from .._limits import LimitInfo, parse_retry_after
+from .._secrets import redact_url
 from ..errors import APIError
-from ..limits import LimitInfo, parse_retry_after
 
 __all__ = ["Call", "Completion", "HTTPRequest", "Provider"]
 

@@ -6,9 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import redact_url
+from .._limits import LimitInfo, parse_duration, parse_retry_after
+from .._secrets import redact_url
 from ..errors import APIError, StructuredOutputError
-from ..limits import LimitInfo, parse_duration, parse_retry_after
 from .base import (
     Call,
     Completion,

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .cache import ResponseCache, default_cache_path
+from ._cache import ResponseCache, default_cache_path
 from .errors import ConfigurationError, StructuredOutputError
 
 if TYPE_CHECKING:
-    from .plan import RequestPlan
-    from .template import PromptTemplate
+    from ._plan import RequestPlan
+    from ._template import PromptTemplate
 
 __all__ = [
     "CHARS_PER_TOKEN",

@@ -6,8 +6,9 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from ._secrets import redact_url
 from .errors import ConfigurationError
 
 __all__ = [
@@ -16,7 +17,6 @@ __all__ = [
     "RUN_SETTINGS",
     "STRUCTURED_STRATEGIES",
     "RunConfig",
-    "redact_url",
 ]
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -423,30 +423,3 @@ def _plain(value: Any) -> Any:
     if item is not None and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
         return item()
     return value
-
-
-def redact_url(url: str) -> str:
-    """``url`` with a password and secret-looking query values replaced by ``***``.
-
-    Examples
-    --------
-    >>> redact_url("https://me:hunter2@proxy.local/v1?api-key=abc&x=1")
-    'https://me:***@proxy.local/v1?api-key=***&x=1'
-    """
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            netloc = f"{parts.username}:***@{netloc.rpartition('@')[2]}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if _secret_name(k) else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparseable URL>"
-
-
-def _secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in ("key", "token", "secret", "sig", "password", "auth"))

@@ -6,7 +6,7 @@ import sys
 import threading
 from typing import Any
 
-from .events import Event, Retry, RowsDone, RowsFailed, RowsSkipped, RunFinished
+from ._events import Event, Retry, RowsDone, RowsFailed, RowsSkipped, RunFinished
 
 __all__ = ["ProgressBar", "progress_listener"]
 

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from .structured import Field, to_column
+from ._structured import Field, to_column
 
 __all__ = ["ERROR_COLUMN", "explode"]
 

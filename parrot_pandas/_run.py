@@ -16,20 +16,20 @@ from typing import Any
 
 import pandas as pd
 
-from .cache import open_cache
-from .client import Client
-from .config import STRUCTURED_STRATEGIES, RunConfig
+from ._cache import open_cache
+from ._client import Client
+from ._config import STRUCTURED_STRATEGIES, RunConfig
+from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunStats
+from ._frame import ERROR_COLUMN, explode
+from ._limits import Budget, RateBudget
+from ._plan import RequestPlan
+from ._pricing import cost
+from ._progress import progress_listener
+from ._scheduler import LOOKUP_BATCH, Job, Scheduler
+from ._structured import Field, normalize_fields
+from ._template import PromptTemplate
 from .errors import ConfigurationError, RowsFailedError
-from .events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunStats
-from .frame import ERROR_COLUMN, explode
-from .limits import Budget, RateBudget
-from .plan import RequestPlan
-from .pricing import cost
-from .progress import progress_listener
 from .providers import provider_for
-from .scheduler import LOOKUP_BATCH, Job, Scheduler
-from .structured import Field, normalize_fields
-from .template import PromptTemplate
 
 __all__ = ["Run", "prepare"]
 

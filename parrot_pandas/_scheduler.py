@@ -28,11 +28,10 @@ from typing import Any
 
 import backoff
 
-from .cache import ResponseCache
-from .client import Client
-from .config import STRUCTURED_STRATEGIES
-from .errors import APIError, StructuredOutputError
-from .events import (
+from ._cache import ResponseCache
+from ._client import Client
+from ._config import STRUCTURED_STRATEGIES
+from ._events import (
     Event,
     Listener,
     Retry,
@@ -43,8 +42,9 @@ from .events import (
     RunStarted,
     Usage,
 )
-from .limits import Budget
-from .plan import RequestPlan
+from ._limits import Budget
+from ._plan import RequestPlan
+from .errors import APIError, StructuredOutputError
 
 __all__ = ["LOOKUP_BATCH", "Job", "Scheduler"]
 
@@ -150,13 +150,13 @@ class Scheduler:
     cache : ResponseCache, optional
         Read in batches before requests, written as answers arrive.
     listeners : iterable of callables
-        Receive every :class:`~parrot_pandas.events.Event`.
+        Receive every :class:`~parrot_pandas._events.Event`.
 
     Attributes
     ----------
     usage : Usage
         Requests and billed tokens so far, counted in place (handed to listeners with
-        :class:`~parrot_pandas.events.RunStarted`).
+        :class:`~parrot_pandas._events.RunStarted`).
     """
 
     def __init__(

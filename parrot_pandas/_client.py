@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from ._secrets import scrub
 from .errors import APIConnectionError, APIError
 from .providers import Call, Completion, Provider
 
@@ -120,14 +121,7 @@ class Client:
         return self._proxies[url]
 
     def _scrub(self, text: str) -> str:
-        # A key of a few characters (a local server's "x") is no secret, and replacing it
-        # everywhere would mangle the message ("ma***imum").
-        if self._secret and len(self._secret) >= _MIN_SECRET and self._secret in text:
-            text = text.replace(self._secret, "***")
-        return text
-
-
-_MIN_SECRET = 8
+        return scrub(text, self._secret)
 
 
 def _is_loopback(host: str) -> bool:

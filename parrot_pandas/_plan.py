@@ -14,11 +14,11 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .cache import key_function
-from .config import RunConfig
-from .pricing import approximate_tokens
+from ._cache import key_function
+from ._config import RunConfig
+from ._pricing import approximate_tokens
+from ._structured import Field, dedupe_items, items_schema, parse_items, schema_instructions
 from .providers import Call
-from .structured import Field, dedupe_items, items_schema, parse_items, schema_instructions
 
 __all__ = ["RequestPlan"]
 
