@@ -18,6 +18,7 @@ from .errors import (
     ParrotError,
     RowsFailedError,
     StructuredOutputError,
+    Verdict,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "Price",
     "RowsFailedError",
     "StructuredOutputError",
+    "Verdict",
     "__version__",
     "cache_info",
     "clear_cache",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -14,9 +15,43 @@ __all__ = [
     "ParrotError",
     "RowsFailedError",
     "StructuredOutputError",
+    "Verdict",
 ]
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+Scope = Literal["run", "row", "strategy"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a failure means: who it belongs to, and whether sending again can help.
+
+    Decided by the provider that understands the protocol (its status codes, error bodies and
+    finish reasons); the scheduler only acts on it and never looks at the message.
+
+    Parameters
+    ----------
+    scope : {"run", "row", "strategy"}
+        ``"run"``: no row can succeed (bad key, unknown model, wrong URL, quota gone): the run
+        stops at once. ``"row"``: this request's prompt or answer is the problem (too long,
+        filtered, truncated, an answer that does not validate): that row fails, the others go
+        on. ``"strategy"``: the server refuses the structured-output parameter (or ignores it):
+        the run falls back to the next strategy.
+    retry : bool
+        Whether the same request may succeed when sent again (a 5xx, a dropped connection, a
+        429 with room left, invalid JSON). A failure that will repeat costs one request.
+    reason : str
+        A short, stable tag for logs and tests (``"rate_limited"``, ``"truncated"``, ...).
+    """
+
+    scope: Scope
+    retry: bool
+    reason: str = ""
+
+
+# The verdict of a failure no provider looked at: the status-code rules every HTTP API shares.
+TRANSIENT = Verdict("row", True, "transient")
 
 
 class ParrotError(Exception):
@@ -49,19 +84,22 @@ class APIError(ParrotError):
         status: int | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        # The provider's judgement; a bare APIError falls back to the shared status rules.
+        self.verdict = verdict if verdict is not None else _status_verdict(status)
         # What the response's headers said about the rate limits (a LimitInfo), set by the client.
         self.limits: Any = None
 
     @property
     def retryable(self) -> bool:
-        """Whether sending the same request again may succeed (429, 408, 409, 5xx)."""
-        return self.status in RETRYABLE_STATUS
+        """Whether sending the same request again may succeed (the verdict's ``retry``)."""
+        return self.verdict.retry
 
     def __str__(self) -> str:
         prefix = f"HTTP {self.status}: " if self.status is not None else ""
@@ -71,15 +109,38 @@ class APIError(ParrotError):
 class APIConnectionError(APIError):
     """Raised when no response arrived: a dropped connection, a refused connection or a timeout."""
 
-    @property
-    def retryable(self) -> bool:
-        return True
+    def __init__(self, message: str, *, verdict: Verdict | None = None) -> None:
+        super().__init__(message, verdict=verdict or Verdict("row", True, "connection"))
 
 
 class StructuredOutputError(ParrotError):
-    """Raised when an answer is not the JSON that ``extract`` asked for; the request is retried."""
+    """Raised when an answer is not usable (not the JSON ``extract`` asked for, cut short,
+    withheld); its verdict says whether asking again can help."""
 
-    retryable = True
+    def __init__(self, message: str, *, verdict: Verdict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.verdict = verdict if verdict is not None else Verdict("row", True, "invalid_answer")
+
+    @property
+    def retryable(self) -> bool:
+        """Whether asking again may give a usable answer (the verdict's ``retry``)."""
+        return self.verdict.retry
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.verdict))
+
+
+def _rebuild(cls: type, message: str, verdict: Verdict) -> Exception:
+    return cls(message, verdict=verdict)
+
+
+def _status_verdict(status: int | None) -> Verdict:
+    if status is None or status in RETRYABLE_STATUS:
+        return TRANSIENT
+    if status in (401, 403, 404):
+        return Verdict("run", False, "refused")
+    return Verdict("row", False, "rejected")
 
 
 class RowsFailedError(ParrotError):
