@@ -285,3 +285,10 @@ def test_an_invalid_base_url_error_does_not_show_its_password():
         make(base_url="htp://me:hunter2@proxy.local/v1")
     assert "hunter2" not in str(info.value)
     assert "me:***@proxy.local" in str(info.value)
+
+
+def test_redact_url_changes_nothing_but_the_secrets():
+    # The scheme's letter case and the other query values' encoding are the user's own.
+    assert redact_url("HTTP://Host/v1?tenant=a+b&x=%2F") == "HTTP://Host/v1?tenant=a+b&x=%2F"
+    # urlsplit drops a newline from the query; the secret after it is still found.
+    assert redact_url("https://h/v1?key=se\ncret") == "https://h/v1?key=***"
