@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from aiohttp import web
 
 from parrot_pandas._config import (
     DEFAULT_BASE_URL,
@@ -30,6 +32,7 @@ from parrot_pandas.providers import (
     OpenAIProvider,
     provider_for,
 )
+from parrot_pandas.testing import FakeServer
 
 LOCAL = "http://127.0.0.1:8080/v1"
 KEY = "sk-test-0123456789abcdef"
@@ -587,3 +590,70 @@ def test_check_run_settings_takes_finite_positive_numbers():
     _check_run_settings({"timeout": 1e9, "rpm": 0.5, "tpm": None})
     with pytest.raises(ConfigurationError, match="timeout"):
         _check_run_settings({"timeout": float("inf")})
+
+
+# -- against a real server ----------------------------------------------------------------------
+
+
+def _started(seen: list[tuple[str, list[tuple[str, str]]]]) -> FakeServer:
+    """A FakeServer that also notes the path and query of every request it gets."""
+
+    @web.middleware
+    async def note(request: web.Request, handler):
+        # The decoded query: aiohttp's URL type may write %2F as / (the same value).
+        seen.append((request.path, list(request.query.items())))
+        return await handler(request)
+
+    server = FakeServer()
+    server.app.middlewares.append(note)
+    return server
+
+
+@pytest.mark.parametrize(
+    ("provider", "base", "path", "extra"),
+    [
+        ("openai", "{url}/", "/v1/chat/completions", []),
+        ("openai", "{URL}", "/v1/chat/completions", []),  # HTTP:// as some users type it
+        ("anthropic", "{origin}/v1", "/v1/messages", []),
+        (
+            "azure",
+            "{origin}",
+            "/openai/deployments/m/chat/completions",
+            [("api-version", "2024-10-21")],
+        ),
+    ],
+)
+def test_a_query_in_base_url_reaches_the_server_after_the_endpoint_path(
+    provider, base, path, extra, caplog
+):
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+    frame = pd.DataFrame({"text": ["one", "two"]})
+    with _started(seen) as server, caplog.at_level(logging.DEBUG, logger="parrot_pandas"):
+        url = base.format(
+            url=server.url, origin=server.origin, URL=server.url.replace("http://", "HTTP://")
+        )
+        out = frame.llm.generate(
+            "${text}",
+            base_url=url + "?tenant=a%2Fb&sig=s3cr3t-sig",
+            provider=provider,
+            api_version="2024-10-21" if provider == "azure" else None,
+            model="m",
+            api_key="test-key",
+            cache=False,
+            progress=False,
+        )
+    assert out["output"].notna().all()
+    assert seen == [(path, [("tenant", "a/b"), ("sig", "s3cr3t-sig"), *extra])] * 2
+    assert "s3cr3t" not in caplog.text and "s3cr3t" not in repr(out.attrs)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"api_key": "test-key\n"}, {"temperature": float("nan")}, {"timeout": float("inf")}],
+)
+def test_bad_values_send_no_request(server, options):
+    frame = pd.DataFrame({"text": ["one", "two"]})
+    with pytest.raises(ConfigurationError) as info:
+        frame.llm.generate("${text}", base_url=server.url, cache=False, progress=False, **options)
+    assert "test-key" not in str(info.value)
+    assert server.stats()["requests"] == 0
