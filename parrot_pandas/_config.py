@@ -1,15 +1,26 @@
-"""One frozen settings object per run, from keyword options and the environment."""
+"""One frozen settings object per run, from keyword options and the environment.
+
+:meth:`RunConfig.from_options` is a short sequence of named checks, each refusing bad input
+with a :class:`ConfigurationError` that names the problem and the fix, before any request.
+What differs between wire protocols (environment variables, default URLs, samples per request,
+parameter renames) is not kept here: each provider class states it, and this module asks.
+"""
 
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import os
+import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import SplitResult, urlsplit
 
 from ._secrets import redact_url
 from .errors import ConfigurationError
+from .providers import PROVIDERS, OpenAIProvider, Provider
 
 __all__ = [
     "PROVIDERS",
@@ -19,54 +30,12 @@ __all__ = [
     "RunConfig",
 ]
 
+logger = logging.getLogger("parrot_pandas")
+
 DEFAULT_MODEL = "gpt-4o-mini"
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-_OPENAI_HOST = "api.openai.com"
-# As Anthropic's SDK: the base URL has no /v1 (the provider adds /v1/messages).
-DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
-# The Messages API requires max_tokens; this is used when the user gives none.
-DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
-
-# The wire protocols a run can speak (see parrot_pandas.providers).
-PROVIDERS = ("openai", "anthropic", "azure")
-
-
-@dataclass(frozen=True)
-class _ProviderEnvironment:
-    """Where a provider's official SDK reads its settings from, and what it requires."""
-
-    base_url_variable: str
-    api_key_variable: str
-    default_base_url: str | None
-    # A missing key fails before any request when the base URL is on this host ("*": any).
-    key_host: str
-
-
-_ENVIRONMENT = {
-    "openai": _ProviderEnvironment(
-        "OPENAI_BASE_URL", "OPENAI_API_KEY", DEFAULT_BASE_URL, _OPENAI_HOST
-    ),
-    "anthropic": _ProviderEnvironment(
-        "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", DEFAULT_ANTHROPIC_BASE_URL, "api.anthropic.com"
-    ),
-    # As the OpenAI SDK's AzureOpenAI client.
-    "azure": _ProviderEnvironment("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", None, "*"),
-}
-
-# OpenAI request parameters the Anthropic Messages API has no equivalent for: refused before
-# any request rather than by a 400 at the first one. (max_completion_tokens becomes max_tokens
-# here; the provider sends stop as stop_sequences and user as metadata.user_id.)
-_ANTHROPIC_UNSUPPORTED = frozenset(
-    {
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "reasoning_effort",
-        "min_p",
-        "repeat_penalty",
-    }
-)
+DEFAULT_BASE_URL = OpenAIProvider.default_base_url
+# The protocol of any OpenAI-compatible server: used when nothing names another.
+_DEFAULT_PROVIDER = OpenAIProvider
 
 # Passed through to the API as they are. `extra_body` is the escape hatch for anything a
 # particular server accepts that is not listed (merged into the JSON body).
@@ -165,8 +134,9 @@ class RunConfig:
 
     @property
     def samples_per_request(self) -> int | None:
-        """How many samples one request can return: 1 for Anthropic (no ``n``), else no limit."""
-        return 1 if self.provider == "anthropic" else None
+        """How many samples one request can return (the provider's fact: Anthropic has no
+        ``n``, so 1), ``None`` for no limit."""
+        return PROVIDERS[self.provider].samples_per_request
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -187,218 +157,301 @@ class RunConfig:
     ) -> RunConfig:
         """Validate keyword options and fill the rest from the environment.
 
+        Parameters
+        ----------
+        model, system, n
+            As the accessor takes them (``model`` defaults to ``$PARROT_PANDAS_MODEL``).
+        need_key : bool, default True
+            False for a run that sends nothing (``estimate``): a missing key or Azure API
+            version is then no error.
+        **options
+            Run settings (:data:`RUN_SETTINGS`) and request parameters
+            (:data:`REQUEST_PARAMETERS`).
+
+        Returns
+        -------
+        RunConfig
+
         Raises
         ------
         ConfigurationError
             For an unknown option (naming the closest valid one) or an invalid value.
         """
-        n = _plain(n)
-        options = {k: _plain(v) for k, v in options.items()}
-        unknown = sorted(set(options) - REQUEST_PARAMETERS - RUN_SETTINGS)
-        if unknown:
-            valid = sorted(REQUEST_PARAMETERS | RUN_SETTINGS)
-            parts = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, valid, n=1)
-                parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigurationError(
-                f"unknown option(s) {', '.join(parts)}. Valid options: {', '.join(valid)}. "
-                "Pass other server-specific request fields as extra_body={...}."
-            )
-        settings = {k: v for k, v in options.items() if k in RUN_SETTINGS}
-        params = {k: v for k, v in options.items() if k in REQUEST_PARAMETERS and v is not None}
-
-        model = model if model is not None else os.environ.get("PARROT_PANDAS_MODEL", DEFAULT_MODEL)
-        if not isinstance(model, str) or not model:
-            raise ConfigurationError(f"model must be a non-empty string, got {model!r}")
-        if system is not None and not isinstance(system, str):
-            raise ConfigurationError(
-                f"system must be a string or None, got {type(system).__name__}"
-            )
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigurationError(f"n must be an integer >= 1 (samples per row), got {n!r}")
-
-        provider, inferred = _choose_provider(
-            settings.pop("provider", None), model, url_given=settings.get("base_url") is not None
-        )
-        env = _ENVIRONMENT[provider]
-        base_url = (
-            settings.pop("base_url", None)
-            or os.environ.get(env.base_url_variable)
-            or env.default_base_url
-        )
-        if base_url is None:
-            raise ConfigurationError(
-                "provider='azure' needs the resource endpoint: set the AZURE_OPENAI_ENDPOINT "
-                "environment variable (e.g. https://my-resource.openai.azure.com) or pass "
-                "base_url=..."
-            )
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            shown = redact_url(base_url) if isinstance(base_url, str) else base_url
-            raise ConfigurationError(
-                f"base_url must be an http(s) URL such as {_EXAMPLE_URL[provider]!r}, got {shown!r}"
-            )
-        # An empty key variable (exported but unset) means no key, not an empty credential.
-        api_key = settings.pop("api_key", None) or os.environ.get(env.api_key_variable) or None
-        if api_key is not None and not isinstance(api_key, str):
-            raise ConfigurationError("api_key must be a string")
-        api_version = _api_version(provider, settings.pop("api_version", None), need_key)
-        try:
-            url = urlsplit(base_url)
-            _ = url.port  # reading the port is what validates it
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"base_url is not a valid URL ({exc}): {redact_url(base_url)!r}"
-            ) from None
-        if api_key is None and need_key and env.key_host in ("*", url.hostname):
-            raise ConfigurationError(_no_key_message(provider, inferred))
-        if api_key is not None and (url.username or url.password):
-            # aiohttp refuses a request with both (ValueError at the first request).
-            raise ConfigurationError(
-                f"base_url {redact_url(base_url)!r} carries user:password credentials and an API "
-                f"key is set too (api_key= or {env.api_key_variable}); a request can carry only "
-                "one of them"
-            )
-        base_url = base_url.rstrip("/")
-        if provider == "anthropic":
-            # Anthropic's SDK takes the URL without /v1; one with it is forgiven, not doubled.
-            base_url = base_url.removesuffix("/v1")
-
-        _check_params(params)
-        if provider == "anthropic":
-            params = _anthropic_params(params)
-        for name in ("max_concurrency", "max_retries"):
-            if name in settings:
-                value = settings[name]
-                low = 1 if name == "max_concurrency" else 0
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("timeout", "rpm", "tpm"):
-            value = settings.get(name)
-            # `not value > 0` also refuses NaN.
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-            ):
-                raise ConfigurationError(f"{name} must be a positive number or None, got {value!r}")
-        if settings.get("errors", "raise") not in ("raise", "coerce"):
-            raise ConfigurationError(
-                "errors must be 'raise' or 'coerce' (as in pandas.to_numeric), "
-                f"got {settings['errors']!r}"
-            )
-        if settings.get("running_loop", "thread") not in ("thread", "nest"):
-            raise ConfigurationError(
-                "running_loop must be 'thread' (run on a private loop in a worker thread when the "
-                "caller's loop is busy) or 'nest' (nest_asyncio, same thread), "
-                f"got {settings['running_loop']!r}"
-            )
-        if settings.get("structured", "auto") not in ("auto", *STRUCTURED_STRATEGIES):
-            raise ConfigurationError(
-                f"structured must be 'auto' or one of {list(STRUCTURED_STRATEGIES)}, "
-                f"got {settings['structured']!r}"
-            )
-        cache = settings.get("cache", True)
-        if not isinstance(cache, (bool, str, os.PathLike)):
-            raise ConfigurationError(f"cache must be True, False or a file path, got {cache!r}")
-
+        settings, params = _split_options({k: _plain(v) for k, v in options.items()})
+        model = _check_model(model)
+        _check_system(system)
+        n = _check_n(_plain(n))
+        endpoint = _resolve_endpoint(settings, model, need_key=need_key)
+        params = _check_request_params(params, PROVIDERS[endpoint.provider])
+        _check_run_settings(settings)
         return cls(
             model=model,
-            base_url=base_url,
-            api_key=api_key,
-            provider=provider,
-            api_version=api_version,
             system=system,
             n=n,
             params=tuple(sorted(params.items())),
+            **endpoint._asdict(),
             **settings,
         )
 
 
-_EXAMPLE_URL = {
-    "openai": "http://127.0.0.1:8080/v1",
-    "anthropic": DEFAULT_ANTHROPIC_BASE_URL,
-    "azure": "https://my-resource.openai.azure.com",
-}
+# -- options ------------------------------------------------------------------------------------
 
 
-def _choose_provider(provider: Any, model: str, *, url_given: bool) -> tuple[str, bool]:
-    """The provider asked for, else the one the model name implies; and whether it was implied."""
-    provider = provider or os.environ.get("PARROT_PANDAS_PROVIDER") or None
-    if provider is None:
-        # A claude- model goes to Anthropic unless base_url= points the run elsewhere (an
-        # OpenAI-compatible gateway serving Claude models).
-        implied = model.startswith("claude-") and not url_given
-        return ("anthropic" if implied else "openai"), implied
-    if provider not in PROVIDERS:
-        close = difflib.get_close_matches(str(provider), PROVIDERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(run settings, request parameters)``; an unknown name is refused with the closest
+    valid one. A parameter given as None is left out (the server's default)."""
+    unknown = sorted(set(options) - REQUEST_PARAMETERS - RUN_SETTINGS)
+    if unknown:
+        valid = sorted(REQUEST_PARAMETERS | RUN_SETTINGS)
+        parts = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, valid, n=1)
+            parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigurationError(
-            f"provider must be one of {list(PROVIDERS)}, got {provider!r}{hint}. Any "
-            "OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) is provider='openai'."
+            f"unknown option(s) {', '.join(parts)}. Valid options: {', '.join(valid)}. "
+            "Pass other server-specific request fields as extra_body={...}."
         )
-    return provider, False
+    settings = {k: v for k, v in options.items() if k in RUN_SETTINGS}
+    params = {k: v for k, v in options.items() if k in REQUEST_PARAMETERS and v is not None}
+    return settings, params
 
 
-def _api_version(provider: str, value: Any, need_key: bool) -> str | None:
-    if provider != "azure":
-        if value is not None:
+# -- model, system, n ---------------------------------------------------------------------------
+
+
+def _check_model(model: Any) -> str:
+    model = model if model is not None else os.environ.get("PARROT_PANDAS_MODEL", DEFAULT_MODEL)
+    if not isinstance(model, str) or not model:
+        raise ConfigurationError(f"model must be a non-empty string, got {model!r}")
+    return model
+
+
+def _check_system(system: Any) -> None:
+    if system is not None and not isinstance(system, str):
+        raise ConfigurationError(f"system must be a string or None, got {type(system).__name__}")
+
+
+def _check_n(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigurationError(f"n must be an integer >= 1 (samples per row), got {n!r}")
+    return n
+
+
+# -- provider, base URL, key --------------------------------------------------------------------
+
+
+class _Endpoint(NamedTuple):
+    """Where a run's requests go and what they carry (the RunConfig fields of that name)."""
+
+    provider: str
+    base_url: str
+    api_key: str | None
+    api_version: str | None
+
+
+def _resolve_endpoint(settings: dict[str, Any], model: str, *, need_key: bool) -> _Endpoint:
+    """The provider, base URL, key and API version, from the options (popped from
+    ``settings``), else the provider's environment variables, else its defaults."""
+    given_url = settings.pop("base_url", None)
+    provider, implied_by = _choose_provider(settings.pop("provider", None), model, given_url)
+    base_url = given_url or os.environ.get(provider.base_url_env) or provider.default_base_url
+    if base_url is None:
+        raise ConfigurationError(
+            f"provider={provider.name!r} needs a base URL: set the {provider.base_url_env} "
+            f"environment variable (e.g. {provider.example_base_url}) or pass base_url=..."
+        )
+    api_key, key_source = _api_key(provider, settings.pop("api_key", None))
+    api_version = _api_version(provider, settings.pop("api_version", None), need_key)
+    url = _check_base_url(provider, base_url)
+    _check_model_is_served(provider, model, url, base_url)
+    if (
+        api_key is None
+        and need_key
+        and (provider.vendor_hosts is None or url.hostname in provider.vendor_hosts)
+    ):
+        raise ConfigurationError(_no_key_message(provider, implied_by))
+    if api_key is not None and (url.username or url.password):
+        # aiohttp refuses a request with both (ValueError at the first request).
+        raise ConfigurationError(
+            f"base_url {redact_url(base_url)!r} carries user:password credentials and an API "
+            f"key is set too ({key_source}); a request can carry only one of them"
+        )
+    return _Endpoint(provider.name, provider.normalize_base_url(base_url), api_key, api_version)
+
+
+def _choose_provider(asked: Any, model: str, given_url: Any) -> tuple[type[Provider], str | None]:
+    """The provider asked for, else the one the model name implies; and, when implied, why.
+
+    A model another protocol's vendor serves (``claude-``) goes to that vendor, unless
+    ``base_url=`` points the run elsewhere: an OpenAI-compatible gateway serving such models.
+    (A base URL on the OpenAI API itself is refused later, by :func:`_check_model_is_served`.)
+    """
+    asked = asked or os.environ.get("PARROT_PANDAS_PROVIDER") or None
+    if asked is not None:
+        if asked not in PROVIDERS:
+            close = difflib.get_close_matches(str(asked), list(PROVIDERS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigurationError(
-                f"api_version= applies to provider='azure' only (this run is {provider!r})"
+                f"provider must be one of {list(PROVIDERS)}, got {asked!r}{hint}. Any "
+                "OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...) is provider='openai'."
+            )
+        return PROVIDERS[asked], None
+    implied, prefix = _implied_provider(model)
+    if implied is None:
+        return _DEFAULT_PROVIDER, None
+    reason = f"the model name starts with {prefix!r}"
+    host = _hostname(given_url)
+    if given_url is None or (host is not None and host in (implied.vendor_hosts or ())):
+        logger.info("provider=%r: %s", implied.name, reason)
+        return implied, reason
+    logger.info(
+        "model %r goes over the OpenAI protocol to base_url=%r, taken as an OpenAI-compatible "
+        "gateway; pass provider=%r for the %s API itself",
+        model,
+        redact_url(given_url) if isinstance(given_url, str) else given_url,
+        implied.name,
+        implied.label,
+    )
+    return _DEFAULT_PROVIDER, None
+
+
+def _implied_provider(model: str) -> tuple[type[Provider] | None, str | None]:
+    for provider in PROVIDERS.values():
+        for prefix in provider.model_prefixes:
+            if model.startswith(prefix):
+                return provider, prefix
+    return None, None
+
+
+def _check_model_is_served(
+    provider: type[Provider], model: str, url: SplitResult, base_url: str
+) -> None:
+    """Refuse a model of one vendor sent to another vendor's own API (``claude-`` to
+    api.openai.com), which could only answer "model not found" at the first request."""
+    implied, prefix = _implied_provider(model)
+    if implied is None or implied is provider or url.hostname not in (provider.vendor_hosts or ()):
+        return
+    raise ConfigurationError(
+        f"model {model!r} (a name starting with {prefix!r}) is served by the {implied.label} "
+        f"API, not by {redact_url(base_url)!r}: pass provider={implied.name!r} (without "
+        f"base_url=, it goes to {implied.default_base_url}), or point base_url= at an "
+        "OpenAI-compatible gateway that serves it"
+    )
+
+
+def _api_key(provider: type[Provider], value: Any) -> tuple[str | None, str]:
+    """The key and where it came from (for messages, never the key itself)."""
+    source = "api_key="
+    if not value:
+        # An empty key variable (exported but unset) means no key, not an empty credential.
+        value, source = os.environ.get(provider.api_key_env) or None, provider.api_key_env
+    if value is None:
+        return None, source
+    if not isinstance(value, str):
+        raise ConfigurationError("api_key must be a string")
+    bad = [i for i, ch in enumerate(value) if _unsafe(ch)]
+    if bad:
+        # A header cannot carry it (a raw ValueError at the first request); never shown.
+        if bad == list(range(len(value) - len(bad), len(value))):
+            where = "at its end"
+        elif bad == list(range(len(bad))):
+            where = "at its start"
+        else:
+            where = "inside it"
+        chars = ", ".join(repr(ch) for ch in dict.fromkeys(value[i] for i in bad))
+        raise ConfigurationError(
+            f"the API key ({source}) has whitespace or control characters ({chars}) {where}, "
+            "which no HTTP header can carry; strip them (a key read from a file keeps its "
+            "trailing newline: open(...).read().strip())"
+        )
+    return value, source
+
+
+def _api_version(provider: type[Provider], value: Any, need_key: bool) -> str | None:
+    if provider.api_version_env is None:
+        if value is not None:
+            takers = [p.name for p in PROVIDERS.values() if p.api_version_env is not None]
+            raise ConfigurationError(
+                f"api_version= applies to provider={' or '.join(map(repr, takers))} only "
+                f"(this run is {provider.name!r})"
             )
         return None
-    value = value or os.environ.get("OPENAI_API_VERSION") or None
+    value = value or os.environ.get(provider.api_version_env) or None
     if value is not None and not isinstance(value, str):
         raise ConfigurationError(
-            f"api_version must be a string such as '2024-10-21', got {value!r}"
+            f"api_version must be a string such as {provider.example_api_version!r}, got {value!r}"
         )
     if value is None and need_key:
         raise ConfigurationError(
-            "provider='azure' needs an API version: set the OPENAI_API_VERSION environment "
-            "variable (as the OpenAI SDK's AzureOpenAI client reads it, e.g. '2024-10-21') "
-            "or pass api_version=..."
+            f"provider={provider.name!r} needs an API version: set the "
+            f"{provider.api_version_env} environment variable (e.g. "
+            f"{provider.example_api_version!r}) or pass api_version=..."
         )
     return value
 
 
-def _no_key_message(provider: str, inferred: bool) -> str:
-    if provider == "openai":
-        return (
-            "no API key: set the OPENAI_API_KEY environment variable or pass api_key=..., "
-            "or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"
+def _check_base_url(provider: type[Provider], base_url: Any) -> SplitResult:
+    """``base_url`` split, once it is an http(s) URL with a host and a valid port.
+
+    The scheme is matched in any letter case, as URLs are; a message shows the URL as given,
+    its credentials and secret query values redacted.
+    """
+    example = provider.example_base_url
+    if not isinstance(base_url, str):
+        raise ConfigurationError(
+            f"base_url must be an http(s) URL such as {example!r}, got {base_url!r}"
         )
-    if provider == "azure":
-        return (
-            "no API key for Azure OpenAI: set the AZURE_OPENAI_API_KEY environment variable "
-            "or pass api_key=..."
+    shown = redact_url(base_url)
+    if any(_unsafe(ch) for ch in base_url):
+        raise ConfigurationError(
+            f"base_url contains whitespace or a control character: {shown!r}; strip it "
+            "(a value read from a file or an environment variable may end in a newline)"
         )
-    message = "no API key: set the ANTHROPIC_API_KEY environment variable or pass api_key=..."
-    if inferred:
+    try:
+        url = urlsplit(base_url)
+        _ = url.port  # reading the port is what validates it
+    except ValueError as exc:
+        raise ConfigurationError(f"base_url is not a valid URL ({exc}): {shown!r}") from None
+    if url.scheme not in ("http", "https"):  # urlsplit lower-cases the scheme
+        raise ConfigurationError(
+            f"base_url must be an http(s) URL such as {example!r}, got {shown!r}"
+        )
+    if not url.hostname:
+        raise ConfigurationError(f"base_url has no host: {shown!r}; e.g. {example!r}")
+    return url
+
+
+def _unsafe(ch: str) -> bool:
+    """Whitespace or a control, format or unassigned character (a newline, a zero-width
+    space): never part of a key or a URL, and invisible when printed."""
+    return ch.isspace() or unicodedata.category(ch)[0] == "C"
+
+
+def _hostname(url: Any) -> str | None:
+    try:
+        return urlsplit(url).hostname if isinstance(url, str) else None
+    except ValueError:
+        return None
+
+
+def _no_key_message(provider: type[Provider], implied_by: str | None) -> str:
+    message = (
+        f"no API key for {provider.label}: set the {provider.api_key_env} environment variable "
+        f"or pass api_key=...{provider.no_key_hint}"
+    )
+    if implied_by is not None:
         message += (
-            " (the Anthropic API was chosen because the model name starts with 'claude-'; pass "
+            f" (provider={provider.name!r} was chosen because {implied_by}; pass "
             "provider='openai' and base_url=... to reach it through an OpenAI-compatible gateway)"
         )
     return message
 
 
-def _anthropic_params(params: dict[str, Any]) -> dict[str, Any]:
-    unsupported = sorted(_ANTHROPIC_UNSUPPORTED & params.keys())
-    if unsupported:
-        raise ConfigurationError(
-            f"{', '.join(unsupported)} not supported by the Anthropic Messages API "
-            "(provider='anthropic'); remove them, or pass Anthropic request fields as "
-            "extra_body={...}"
-        )
-    params = dict(params)
-    if "max_completion_tokens" in params:
-        if "max_tokens" in params:
-            raise ConfigurationError("pass max_tokens or max_completion_tokens, not both")
-        params["max_tokens"] = params.pop("max_completion_tokens")
-    # Set here rather than by the provider alone, so the budget, estimate() and the cache key
-    # all see the limit that is really sent.
-    params.setdefault("max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS)
-    return params
+# -- request parameters -------------------------------------------------------------------------
 
 
-def _check_params(params: dict[str, Any]) -> None:
+def _check_request_params(params: dict[str, Any], provider: type[Provider]) -> dict[str, Any]:
+    """The parameters checked, made JSON-safe, then renamed and defaulted by the provider."""
     for name in ("max_tokens", "max_completion_tokens"):
         value = params.get(name)
         if value is not None and (
@@ -414,6 +467,83 @@ def _check_params(params: dict[str, Any]) -> None:
         raise ConfigurationError(
             f"extra_body must be a dict of JSON fields, got {type(extra).__name__}"
         )
+    params = {name: _json_value(value, name) for name, value in params.items()}
+    return provider.prepare_params(params)
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """``value`` as the request body will encode it: numpy scalars made plain, and refused
+    if JSON cannot hold it (NaN and infinity would go out as invalid JSON)."""
+    value = _plain(value)
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigurationError(
+                f"{where} is {value!r}, which JSON cannot carry (the server would get invalid "
+                "JSON); pass a finite number"
+            )
+        return value
+    if isinstance(value, Mapping):
+        items = {}
+        for key, item in value.items():
+            key = _plain(key)
+            if not isinstance(key, (str, int, float, bool)):
+                raise ConfigurationError(
+                    f"{where} has a key of type {type(key).__name__} ({key!r}); JSON keys are "
+                    "strings or numbers"
+                )
+            items[key] = _json_value(item, f"{where}[{key!r}]")
+        return items
+    if isinstance(value, (list, tuple)):
+        return type(value)(_json_value(item, f"{where}[{i}]") for i, item in enumerate(value))
+    raise ConfigurationError(
+        f"{where} is a {type(value).__name__}, which a JSON request body cannot hold; pass "
+        "strings, numbers, booleans, None, lists and dicts"
+    )
+
+
+# -- run settings -------------------------------------------------------------------------------
+
+
+def _check_run_settings(settings: Mapping[str, Any]) -> None:
+    for name in ("max_concurrency", "max_retries"):
+        if name in settings:
+            value = settings[name]
+            low = 1 if name == "max_concurrency" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name in ("timeout", "rpm", "tpm"):
+        value = settings.get(name)
+        # `not 0 < value < inf` also refuses NaN; None is the way to say "no limit".
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
+        ):
+            hint = " (pass None for no limit)" if value == math.inf else ""
+            raise ConfigurationError(
+                f"{name} must be a positive number or None, got {value!r}{hint}"
+            )
+    if settings.get("errors", "raise") not in ("raise", "coerce"):
+        raise ConfigurationError(
+            "errors must be 'raise' or 'coerce' (as in pandas.to_numeric), "
+            f"got {settings['errors']!r}"
+        )
+    if settings.get("running_loop", "thread") not in ("thread", "nest"):
+        raise ConfigurationError(
+            "running_loop must be 'thread' (run on a private loop in a worker thread when the "
+            "caller's loop is busy) or 'nest' (nest_asyncio, same thread), "
+            f"got {settings['running_loop']!r}"
+        )
+    if settings.get("structured", "auto") not in ("auto", *STRUCTURED_STRATEGIES):
+        raise ConfigurationError(
+            f"structured must be 'auto' or one of {list(STRUCTURED_STRATEGIES)}, "
+            f"got {settings['structured']!r}"
+        )
+    cache = settings.get("cache", True)
+    if not isinstance(cache, (bool, str, os.PathLike)):
+        raise ConfigurationError(f"cache must be True, False or a file path, got {cache!r}")
 
 
 def _plain(value: Any) -> Any:

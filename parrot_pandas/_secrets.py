@@ -8,7 +8,7 @@ through :func:`redact_url`.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 __all__ = ["MIN_SECRET", "redact_url", "scrub"]
 
@@ -36,23 +36,40 @@ def scrub(text: str, secret: str | None) -> str:
 def redact_url(url: str) -> str:
     """``url`` with a password and secret-looking query values replaced by ``***``.
 
+    Nothing else is changed: the scheme keeps its letter case and other query values their
+    encoding, so the URL shown is the one the user gave.
+
     Examples
     --------
     >>> redact_url("https://me:hunter2@proxy.local/v1?api-key=abc&x=1")
     'https://me:***@proxy.local/v1?api-key=***&x=1'
+    >>> redact_url("HTTP://Host/v1?tenant=a+b")
+    'HTTP://Host/v1?tenant=a+b'
     """
     try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            netloc = f"{parts.username}:***@{netloc.rpartition('@')[2]}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if _secret_name(k) else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    # Redacted on the text itself: urlsplit drops tabs and newlines, so its parts may not be
+    # found in the URL again, and a secret would stay.
+    head, question, rest = url.partition("?")
+    if question:
+        query, hash_, fragment = rest.partition("#")
+        rest = "&".join(_redact_pair(pair) for pair in query.split("&")) + hash_ + fragment
+    scheme, slashes, after = head.partition("//")
+    if slashes:
+        netloc, slash, path = after.partition("/")
+        userinfo, at, host = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            head = f"{scheme}//{userinfo.partition(':')[0]}:***@{host}{slash}{path}"
+    return head + question + rest
+
+
+def _redact_pair(pair: str) -> str:
+    name, equals, _ = pair.partition("=")
+    # Whitespace is ignored in the name as urlsplit (and so the request) ignores it.
+    plain = re.sub(r"\s", "", unquote_plus(name))
+    return f"{name}=***" if equals and _secret_name(plain) else pair
 
 
 def _secret_name(name: str) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from parrot_pandas._client import Client
-from parrot_pandas._config import DEFAULT_ANTHROPIC_MAX_TOKENS, RunConfig
+from parrot_pandas._config import RunConfig
 from parrot_pandas._limits import RateBudget
 from parrot_pandas._plan import RequestPlan
 from parrot_pandas._scheduler import Scheduler
@@ -30,7 +30,11 @@ from parrot_pandas.errors import (
     StructuredOutputError,
 )
 from parrot_pandas.providers import AnthropicProvider, Call, provider_for
-from parrot_pandas.providers.anthropic import ANTHROPIC_VERSION, parse_reset_time
+from parrot_pandas.providers.anthropic import (
+    ANTHROPIC_VERSION,
+    DEFAULT_MAX_TOKENS,
+    parse_reset_time,
+)
 from parrot_pandas.providers.openai import TOOL_NAME
 from parrot_pandas.testing import FakeServer
 
@@ -96,7 +100,7 @@ def test_build_puts_system_on_top_and_the_key_in_x_api_key():
         "model": "claude-3-5-haiku-latest",
         "system": "be brief",
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": DEFAULT_ANTHROPIC_MAX_TOKENS,
+        "max_tokens": DEFAULT_MAX_TOKENS,
     }
     json.dumps(request.json)
 
@@ -361,9 +365,11 @@ def test_a_base_url_or_an_explicit_provider_says_otherwise(monkeypatch):
     gateway = RunConfig.from_options(model="claude-3-5-haiku", base_url="http://127.0.0.1:4000/v1")
     assert gateway.provider == "openai" and gateway.base_url.endswith("/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://gateway.example.com/v1")
     assert RunConfig.from_options(model="claude-x", provider="openai").provider == "openai"
     monkeypatch.setenv("PARROT_PANDAS_PROVIDER", "openai")
     assert RunConfig.from_options(model="claude-x").provider == "openai"
+    # (provider="openai" on OpenAI's own URL is refused: see test_config.py.)
 
 
 def test_a_missing_key_fails_before_any_request_naming_the_variable():
@@ -382,8 +388,8 @@ def test_base_url_with_v1_is_forgiven():
 
 def test_max_tokens_defaults_and_translations_are_in_the_config():
     config = RunConfig.from_options(provider="anthropic", model="m", base_url=URL)
-    assert config.request_params == {"max_tokens": DEFAULT_ANTHROPIC_MAX_TOKENS}
-    assert config.max_output_tokens == DEFAULT_ANTHROPIC_MAX_TOKENS  # the budget counts it
+    assert config.request_params == {"max_tokens": DEFAULT_MAX_TOKENS}
+    assert config.max_output_tokens == DEFAULT_MAX_TOKENS  # the budget counts it
     config = RunConfig.from_options(
         provider="anthropic", model="m", base_url=URL, max_completion_tokens=64
     )

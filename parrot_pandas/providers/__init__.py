@@ -15,8 +15,16 @@ __all__ = [
     "HTTPRequest",
     "OpenAIProvider",
     "Provider",
+    "PROVIDERS",
     "provider_for",
 ]
+
+# Every wire protocol a run can speak, by its ``provider=`` name. A new provider is one module
+# whose class states its facts (environment variables, default URL, samples per request,
+# parameter renames), added here.
+PROVIDERS: dict[str, type[Provider]] = {
+    cls.name: cls for cls in (OpenAIProvider, AnthropicProvider, AzureOpenAIProvider)
+}
 
 
 def provider_for(config) -> Provider:
@@ -25,7 +33,8 @@ def provider_for(config) -> Provider:
     Parameters
     ----------
     config : RunConfig
-        Its ``provider``, ``base_url``, ``api_key`` and (Azure) ``api_version``.
+        Its ``provider`` (a key of :data:`PROVIDERS`), ``base_url``, ``api_key`` and (Azure)
+        ``api_version``.
 
     Returns
     -------
@@ -33,8 +42,4 @@ def provider_for(config) -> Provider:
         :class:`OpenAIProvider` (any OpenAI-compatible server), :class:`AnthropicProvider`
         or :class:`AzureOpenAIProvider`.
     """
-    if config.provider == "anthropic":
-        return AnthropicProvider(config.base_url, config.api_key)
-    if config.provider == "azure":
-        return AzureOpenAIProvider(config.base_url, config.api_key, api_version=config.api_version)
-    return OpenAIProvider(config.base_url, config.api_key)
+    return PROVIDERS[config.provider].from_config(config)

@@ -4,8 +4,8 @@ What differs from the OpenAI protocol, and how each difference is met:
 
 - The key goes in ``x-api-key``, with an ``anthropic-version`` header.
 - ``system`` is a top-level field, not a message.
-- ``max_tokens`` is required (the configuration supplies a default, see
-  ``config.DEFAULT_ANTHROPIC_MAX_TOKENS``).
+- ``max_tokens`` is required (:meth:`AnthropicProvider.prepare_params` supplies
+  :data:`DEFAULT_MAX_TOKENS` before any request).
 - There is no ``n``: one request gives one answer, and the scheduler asks again until a row
   has its ``n`` samples.
 - ``extract`` strategies: ``"tools"`` forces one tool with ``tool_choice: {"type": "tool"}``;
@@ -25,10 +25,10 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .._config import DEFAULT_ANTHROPIC_MAX_TOKENS
 from .._limits import LimitInfo, parse_retry_after
 from .._secrets import redact_url
-from ..errors import APIError, StructuredOutputError
+from ..errors import APIError, ConfigurationError, StructuredOutputError
+from ._url import base_path, endpoint, with_path
 from .base import (
     Call,
     Completion,
@@ -40,10 +40,27 @@ from .base import (
 )
 from .openai import TOOL_NAME
 
-__all__ = ["ANTHROPIC_VERSION", "AnthropicProvider", "parse_reset_time"]
+__all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "parse_reset_time"]
 
 # The Messages API version every current model serves (sent as the anthropic-version header).
 ANTHROPIC_VERSION = "2023-06-01"
+# The Messages API requires max_tokens; this is used when the user gives none.
+DEFAULT_MAX_TOKENS = 1024
+
+# OpenAI request parameters the Messages API has no equivalent for: refused before any request
+# rather than by a 400 at the first one. (max_completion_tokens becomes max_tokens; stop is sent
+# as stop_sequences and user as metadata.user_id.)
+_UNSUPPORTED = frozenset(
+    {
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "reasoning_effort",
+        "min_p",
+        "repeat_penalty",
+    }
+)
 
 _RATE_LIMIT_PREFIX = "anthropic-ratelimit-"
 # Every token limit Anthropic announces; the tightest one is the run's token limit.
@@ -71,6 +88,19 @@ class AnthropicProvider:
     """
 
     name = "anthropic"
+    label = "Anthropic"
+    # As Anthropic's SDK reads them; its base URL has no /v1 (the path adds /v1/messages).
+    api_key_env = "ANTHROPIC_API_KEY"
+    base_url_env = "ANTHROPIC_BASE_URL"
+    default_base_url = "https://api.anthropic.com"
+    example_base_url = "https://api.anthropic.com"
+    api_version_env = None
+    example_api_version = None
+    vendor_hosts = ("api.anthropic.com",)
+    model_prefixes = ("claude-",)
+    # The API has no n: one request is one sample, and the scheduler asks again.
+    samples_per_request = 1
+    no_key_hint = ""
 
     def __init__(
         self,
@@ -79,7 +109,7 @@ class AnthropicProvider:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._url = base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
+        self._url = endpoint(self.normalize_base_url(base_url), "/v1/messages")
         self._headers = {
             "Content-Type": "application/json",
             "anthropic-version": ANTHROPIC_VERSION,
@@ -91,6 +121,45 @@ class AnthropicProvider:
     def __repr__(self) -> str:
         return f"AnthropicProvider({redact_url(self._url)!r})"
 
+    @classmethod
+    def from_config(cls, config: Any) -> AnthropicProvider:
+        """The provider for a run's ``RunConfig``."""
+        return cls(config.base_url, config.api_key)
+
+    @classmethod
+    def normalize_base_url(cls, base_url: str) -> str:
+        """``base_url`` without a trailing ``/`` or ``/v1`` (forgiven, not doubled); its query
+        kept."""
+        return with_path(base_url, base_path(base_url).removesuffix("/v1"))
+
+    @classmethod
+    def prepare_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The request parameters as the Messages API takes them, before any request.
+
+        ``max_completion_tokens`` becomes ``max_tokens``, which defaults to
+        :data:`DEFAULT_MAX_TOKENS`: set here rather than when a request is built, so the token
+        budget, ``estimate()`` and the cache key all see the limit that is really sent.
+
+        Raises
+        ------
+        ConfigurationError
+            For an OpenAI parameter the API has no equivalent for, or both token limits.
+        """
+        unsupported = sorted(_UNSUPPORTED & params.keys())
+        if unsupported:
+            raise ConfigurationError(
+                f"{', '.join(unsupported)} not supported by the Anthropic Messages API "
+                "(provider='anthropic'); remove them, or pass Anthropic request fields as "
+                "extra_body={...}"
+            )
+        params = dict(params)
+        if "max_completion_tokens" in params:
+            if "max_tokens" in params:
+                raise ConfigurationError("pass max_tokens or max_completion_tokens, not both")
+            params["max_tokens"] = params.pop("max_completion_tokens")
+        params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        return params
+
     def build(self, call: Call) -> HTTPRequest:
         params = dict(call.params)
         extra = params.pop("extra_body", None) or {}
@@ -101,7 +170,7 @@ class AnthropicProvider:
         body["messages"] = [dict(m) for m in call.messages if m.get("role") != "system"]
         # call.n is not sent: the API has none, so one request is one sample.
         body.update(_translate(params))
-        body.setdefault("max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS)
+        body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         if call.schema is not None:
             body.update(_structured_fields(call))
         body.update(extra)

@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 
 from .._secrets import redact_url
 from ..errors import APIError, StructuredOutputError
+from ._url import endpoint
 from .base import Call, Completion
 from .openai import OpenAIProvider
 
@@ -33,7 +34,8 @@ class AzureOpenAIProvider(OpenAIProvider):
     ----------
     endpoint : str
         The resource endpoint, as ``AZURE_OPENAI_ENDPOINT`` holds it, e.g.
-        ``https://my-resource.openai.azure.com``.
+        ``https://my-resource.openai.azure.com``. A query it carries is kept, before
+        ``api-version``.
     api_key : str, optional
         Sent as the ``api-key`` header.
     api_version : str
@@ -41,6 +43,17 @@ class AzureOpenAIProvider(OpenAIProvider):
     """
 
     name = "azure"
+    label = "Azure OpenAI"
+    # As the OpenAI SDK's AzureOpenAI client reads them; there is no default endpoint.
+    api_key_env = "AZURE_OPENAI_API_KEY"
+    base_url_env = "AZURE_OPENAI_ENDPOINT"
+    default_base_url = None
+    example_base_url = "https://my-resource.openai.azure.com"
+    api_version_env = "OPENAI_API_VERSION"
+    example_api_version = "2024-10-21"
+    # Every Azure resource has its own host, and every one needs a key.
+    vendor_hosts = None
+    no_key_hint = ""
 
     def __init__(self, endpoint: str, api_key: str | None = None, *, api_version: str) -> None:
         super().__init__(endpoint, api_key)
@@ -53,13 +66,19 @@ class AzureOpenAIProvider(OpenAIProvider):
             f"api_version={self._api_version!r})"
         )
 
+    @classmethod
+    def from_config(cls, config: Any) -> AzureOpenAIProvider:
+        """The provider for a run's ``RunConfig`` (its ``api_version`` too)."""
+        return cls(config.base_url, config.api_key, api_version=config.api_version)
+
     @staticmethod
     def _auth_headers(api_key: str | None) -> dict[str, str]:
         return {"api-key": api_key} if api_key else {}
 
     def _url_for(self, call: Call) -> str:
         deployment = quote(call.model, safe="")
-        return f"{self._base_url}/openai/deployments/{deployment}/chat/completions?{self._query}"
+        path = f"/openai/deployments/{deployment}/chat/completions"
+        return endpoint(self._base_url, path, self._query)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         completion = super().parse(call, body, headers)

@@ -58,9 +58,37 @@ class Completion:
 
 
 class Provider(Protocol):
-    """A wire protocol: payload, headers, response parsing, rate-limit header reading."""
+    """A wire protocol: payload, headers, response parsing, rate-limit header reading.
+
+    Its class attributes are the protocol's facts, which the configuration reads (see
+    :class:`~parrot_pandas.providers.openai.OpenAIProvider` for what each one means).
+    """
 
     name: str
+    label: str
+    api_key_env: str
+    base_url_env: str
+    default_base_url: str | None
+    example_base_url: str
+    api_version_env: str | None
+    example_api_version: str | None
+    vendor_hosts: tuple[str, ...] | None
+    model_prefixes: tuple[str, ...]
+    samples_per_request: int | None
+    no_key_hint: str
+
+    @classmethod
+    def from_config(cls, config: Any) -> Provider:
+        """The provider for a run's ``RunConfig``."""
+
+    @classmethod
+    def normalize_base_url(cls, base_url: str) -> str:
+        """``base_url`` as a run keeps it (trailing ``/`` dropped, query kept)."""
+
+    @classmethod
+    def prepare_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Request parameters renamed and defaulted for the protocol (``ConfigurationError``
+        for one it cannot send)."""
 
     def build(self, call: Call) -> HTTPRequest:
         """The HTTP request for ``call``."""

@@ -9,6 +9,7 @@ from typing import Any
 from .._limits import LimitInfo, parse_duration, parse_retry_after
 from .._secrets import redact_url
 from ..errors import APIError, StructuredOutputError
+from ._url import base_path, endpoint, with_path
 from .base import (
     Call,
     Completion,
@@ -30,20 +31,67 @@ class OpenAIProvider:
     Parameters
     ----------
     base_url : str
-        Up to and including the version segment, e.g. ``https://api.openai.com/v1``.
+        Up to and including the version segment, e.g. ``https://api.openai.com/v1``. A query
+        (``?tenant=a``) is kept, after the endpoint path.
     api_key : str, optional
         Sent as ``Authorization: Bearer``; local servers often need none.
+
+    Notes
+    -----
+    The class attributes are the protocol's facts the configuration asks for (a new provider
+    states its own and changes no other module).
     """
 
     name = "openai"
+    label = "OpenAI"
+    # Where the official SDK reads its settings from.
+    api_key_env = "OPENAI_API_KEY"
+    base_url_env = "OPENAI_BASE_URL"
+    default_base_url: str | None = "https://api.openai.com/v1"
+    example_base_url = "http://127.0.0.1:8080/v1"
+    # Azure's api-version: None where the protocol has none.
+    api_version_env: str | None = None
+    example_api_version: str | None = None
+    # The vendor's own API hosts: there a missing key fails before any request (a local server
+    # needs none), and a model that implies another provider is refused. None: every host.
+    vendor_hosts: tuple[str, ...] | None = ("api.openai.com",)
+    # Model names that imply this provider when none is given.
+    model_prefixes: tuple[str, ...] = ()
+    # Most samples one request returns (None: any n, sent as n).
+    samples_per_request: int | None = None
+    no_key_hint = ", or point base_url= (or OPENAI_BASE_URL) at a local OpenAI-compatible server"
 
     def __init__(self, base_url: str, api_key: str | None = None) -> None:
-        self._base_url = base_url.rstrip("/")
-        self._url = self._base_url + "/chat/completions"
+        self._base_url = self.normalize_base_url(base_url)
+        self._url = endpoint(self._base_url, "/chat/completions")
         self._headers = {"Content-Type": "application/json", **self._auth_headers(api_key)}
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({redact_url(self._url)!r})"
+
+    @classmethod
+    def from_config(cls, config: Any) -> OpenAIProvider:
+        """The provider for a run's ``RunConfig``."""
+        return cls(config.base_url, config.api_key)
+
+    @classmethod
+    def normalize_base_url(cls, base_url: str) -> str:
+        """``base_url`` as the run keeps it: no trailing ``/`` on its path, its query kept."""
+        return with_path(base_url, base_path(base_url))
+
+    @classmethod
+    def prepare_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The request parameters as this protocol takes them, before any request.
+
+        Renames and defaults happen here rather than when a request is built, so the token
+        budget, ``estimate()`` and the cache key all see what is really sent.
+
+        Raises
+        ------
+        ConfigurationError
+            For a parameter the protocol has no equivalent for.
+        """
+        return dict(params)
 
     @staticmethod
     def _auth_headers(api_key: str | None) -> dict[str, str]:
