@@ -9,10 +9,11 @@ import types
 import pandas as pd
 import pytest
 
-from parrot_pandas import _pricing as pricing
+from parrot_pandas import _feed as feed
+from parrot_pandas import _tokens as tokens
 from parrot_pandas._cache import ResponseCache, default_cache_path
-from parrot_pandas._pricing import approximate_tokens
 from parrot_pandas._run import prepare
+from parrot_pandas._tokens import approximate_tokens
 
 COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
 
@@ -25,9 +26,9 @@ def estimate_of(frame: pd.DataFrame, template: str, *, fields=None, **options) -
 def _approximate_tokens(monkeypatch: pytest.MonkeyPatch):
     # FakeServer counts ceil(len / 4) per message and per schema: so does the fallback.
     monkeypatch.setitem(sys.modules, "tiktoken", None)
-    pricing._reset_tokenizers()
+    tokens._reset_tokenizers()
     yield
-    pricing._reset_tokenizers()
+    tokens._reset_tokenizers()
 
 
 @pytest.fixture
@@ -135,7 +136,7 @@ def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
 
 
 def test_duplicates_across_lookup_batches(monkeypatch, server):
-    monkeypatch.setattr(pricing, "_LOOKUP_BATCH", 2)
+    monkeypatch.setattr(feed, "LOOKUP_BATCH", 2)
     df = pd.DataFrame({"t": list("abcabcdd") + [None]})
     df.iloc[[0, 4]].llm.generate("${t}", base_url=server.url)  # a and b are cached
     est = estimate_of(df, "${t}", base_url=server.url)
@@ -167,7 +168,7 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     module.encoding_name_for_model = lambda model: "o200k_base"  # type: ignore[attr-defined]
     module.get_encoding = lambda name: Words()  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tiktoken", module)
-    pricing._reset_tokenizers()
+    tokens._reset_tokenizers()
     one = docs.iloc[:1]  # "name=Ada, year=1815": two words
     est = estimate_of(one, "${text}", cache=False)
     assert est["tokenizer"] == "tiktoken:o200k_base"
@@ -176,7 +177,7 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     extract = estimate_of(one, "${text}", fields=fields, cache=False)
     run = prepare(one, "${text}", fields, None, None, None, 1, {"api_key": "sk-test"})
     schema_words = len(json.dumps(run.plan.schema).split())
-    assert extract["prompt_tokens"] == est["prompt_tokens"] + pricing._TOOL_OVERHEAD + schema_words
+    assert extract["prompt_tokens"] == est["prompt_tokens"] + tokens._TOOL_OVERHEAD + schema_words
 
 
 def test_estimate_needs_no_key_and_sends_nothing(docs, monkeypatch):
