@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import types
 
@@ -11,7 +12,7 @@ import pytest
 
 from parrot_pandas import _feed as feed
 from parrot_pandas import _tokens as tokens
-from parrot_pandas._cache import ResponseCache, default_cache_path
+from parrot_pandas._cache import _MIGRATIONS, ResponseCache, default_cache_path
 from parrot_pandas._run import prepare
 from parrot_pandas._tokens import approximate_tokens
 
@@ -115,12 +116,45 @@ def test_refresh_and_no_cache_count_every_row(docs, server):
 
 
 def test_an_estimate_creates_no_cache_file(docs, server, tmp_path):
-    path = tmp_path / "never.sqlite3"
+    path = tmp_path / "not" / "yet" / "never.sqlite3"
     est = estimate_of(docs, "${title}", base_url=server.url, cache=str(path))
     assert est["requests"] == 4
-    assert not path.exists() and not default_cache_path().exists()
+    assert not path.parent.parent.exists() and not default_cache_path().exists()
     estimate_of(docs, "${title}", base_url=server.url)
     assert not default_cache_path().exists()
+
+
+def test_an_estimate_leaves_the_cache_file_as_it_was(docs, server, tmp_path):
+    path = tmp_path / "answers.sqlite3"
+    docs.iloc[:2].llm.generate("${title}", base_url=server.url, cache=str(path))
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    est = estimate_of(docs, "${title}", base_url=server.url, cache=str(path))
+    assert est["cached_rows"] == 2 and est["requests"] == 2
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_an_estimate_reads_an_older_cache_without_migrating_it(docs, server, tmp_path):
+    # Schema version 1, in SQLite's default journal mode: opening it for a run would switch
+    # it to WAL, copy its table (migration 2) and VACUUM. An estimate only reads it.
+    path = tmp_path / "old.sqlite3"
+    options = {"base_url": server.url, "cache": str(path)}
+    run = prepare(docs, "${title}", None, "output", None, None, 1, options, sending=False)
+    conn = sqlite3.connect(path)
+    _MIGRATIONS[0](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO responses (key, sample, value, model, created) VALUES (?, 0, 'hi', 'm', 0)",
+        (run.plan.key("Ada"),),
+    )
+    conn.commit()
+    conn.close()
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    est = estimate_of(docs, "${title}", **options)
+    assert est["cached_rows"] == 1 and est["requests"] == 3
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
 
 
 def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
