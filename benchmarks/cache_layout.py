@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from parrot_pandas import _cache as cache_module  # noqa: E402
 from parrot_pandas._cache import ResponseCache, cache_info  # noqa: E402
-from parrot_pandas._scheduler import LOOKUP_BATCH  # noqa: E402
+from parrot_pandas._feed import LOOKUP_BATCH  # noqa: E402
 
 
 def answers(rows: int, size: int, seed: int = 11) -> list[tuple[str, str]]:

@@ -9,7 +9,8 @@ Importing the package registers the ``DataFrame.llm`` accessor::
 from __future__ import annotations
 
 from ._cache import cache_info, clear_cache
-from ._pricing import Price, count_tokens, price_of, set_price
+from ._pricing import Price, price_of, set_price
+from ._tokens import count_tokens
 from .accessor import LLMAccessor
 from .errors import (
     APIConnectionError,

@@ -364,6 +364,33 @@ def _connect(path: pathlib.Path) -> sqlite3.Connection:
     return conn
 
 
+def _connect_readonly(path: pathlib.Path) -> sqlite3.Connection:
+    # mode=ro: no migration, no VACUUM, no switch to WAL, never a new file; the database file
+    # itself is never written. (In WAL mode SQLite may still create its -wal/-shm side files,
+    # which readers need to see answers not yet checkpointed.)
+    uri = path.resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
+    try:
+        version = _user_version(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise  # locked, or an I/O error: passing, not a wrong setting
+        raise ConfigurationError(
+            f"cannot use {str(path)!r} as a response cache: {exc}; pass cache=False or another path"
+        ) from exc
+    if version > len(_MIGRATIONS):
+        conn.close()
+        raise ConfigurationError(
+            f"the cache file {str(path)!r} was written by a newer parrot_pandas (schema "
+            f"version {version}, this one knows {len(_MIGRATIONS)}); upgrade parrot_pandas, or "
+            "pass cache=False or another path"
+        )
+    return conn
+
+
 # --------------------------------------------------------------------------- the cache
 
 _Row = tuple[str, int, str, str | None, int | None, int | None, float]
@@ -391,6 +418,9 @@ class ResponseCache:
     clock : callable, default time.monotonic
         Returns seconds; used to decide when ``flush_interval`` has passed. Tests inject
         a fake one.
+    readonly : bool, default False
+        Open an existing file for reading only: nothing is migrated or written, and
+        :meth:`put` raises ``ValueError``.
 
     Raises
     ------
@@ -413,6 +443,7 @@ class ResponseCache:
         flush_interval: float = 0.5,
         flush_size: int = 256,
         clock: Callable[[], float] = time.monotonic,
+        readonly: bool = False,
     ) -> None:
         if flush_interval < 0:
             raise ConfigurationError(f"flush_interval must be >= 0, got {flush_interval!r}")
@@ -426,7 +457,12 @@ class ResponseCache:
         # Keyed by (key, sample) so a repeated put replaces, as INSERT OR REPLACE does.
         self._pending: dict[tuple[str, int], _Row] = {}
         self._timer: threading.Timer | None = None
-        self._conn: sqlite3.Connection | None = _connect(self.path)
+        self._readonly = readonly
+        self._conn: sqlite3.Connection | None = (
+            _connect_readonly(self.path) if readonly else _connect(self.path)
+        )
+        # A file no parrot_pandas has migrated yet (user_version 0) holds no answers.
+        self._empty = readonly and _user_version(self._conn) == 0
         self._last_flush = clock()
 
     # -- reading
@@ -493,6 +529,8 @@ class ResponseCache:
         found: dict[str, dict[int, str]] = {}
         with self._lock:
             conn = self._open_conn()
+            if self._empty:
+                return {}
             for start in range(0, len(unique), _KEYS_PER_QUERY):
                 chunk = unique[start : start + _KEYS_PER_QUERY]
                 marks = ",".join("?" * len(chunk))
@@ -546,6 +584,8 @@ class ResponseCache:
         """
         if not isinstance(value, str):
             raise TypeError(f"a cached answer must be a str, got {type(value).__name__}")
+        if self._readonly:
+            raise ValueError(f"the cache {str(self.path)!r} was opened read-only")
         prompt_tokens, completion_tokens = usage if usage is not None else (None, None)
         row: _Row = (key, sample, value, model, prompt_tokens, completion_tokens, time.time())
         with self._lock:
@@ -658,7 +698,9 @@ class ResponseCache:
 # --------------------------------------------------------------------------- user helpers
 
 
-def open_cache(setting: bool | str | os.PathLike[str] | None) -> ResponseCache | None:
+def open_cache(
+    setting: bool | str | os.PathLike[str] | None, *, readonly: bool = False
+) -> ResponseCache | None:
     """Turn the ``cache=`` option into a cache.
 
     Parameters
@@ -666,11 +708,15 @@ def open_cache(setting: bool | str | os.PathLike[str] | None) -> ResponseCache |
     setting : bool, str, os.PathLike or None
         ``True`` for the file at :func:`default_cache_path`, ``False`` or ``None`` for no
         cache, a path for that file.
+    readonly : bool, default False
+        Only read (for an estimate): the file is opened read-only, never migrated, written
+        or created.
 
     Returns
     -------
     ResponseCache or None
-        An open cache the caller must close, or ``None`` when caching is off.
+        An open cache the caller must close, or ``None`` when caching is off (or, with
+        ``readonly``, when the file does not exist).
 
     Raises
     ------
@@ -683,12 +729,16 @@ def open_cache(setting: bool | str | os.PathLike[str] | None) -> ResponseCache |
     True
     """
     if setting is True:
-        return ResponseCache(default_cache_path())
-    if setting is False or setting is None:
+        path = default_cache_path()
+    elif setting is False or setting is None:
         return None
-    if isinstance(setting, str | os.PathLike) and os.fspath(setting) not in ("", b""):
-        return ResponseCache(os.fspath(setting))
-    raise ConfigurationError(f"cache must be True, False or a path, got {setting!r}")
+    elif isinstance(setting, str | os.PathLike) and os.fspath(setting) not in ("", b""):
+        path = pathlib.Path(os.fspath(setting)).expanduser()
+    else:
+        raise ConfigurationError(f"cache must be True, False or a path, got {setting!r}")
+    if readonly:
+        return ResponseCache(path, readonly=True) if path.is_file() else None
+    return ResponseCache(path)
 
 
 def _resolve(path: str | os.PathLike[str] | None) -> pathlib.Path:

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._cache import key_function
 from ._config import RunConfig
-from ._pricing import approximate_tokens
 from ._structured import Field, dedupe_items, items_schema, parse_items, schema_instructions
+from ._tokens import approximate_tokens
 from .providers import Call
 
 __all__ = ["RequestPlan"]

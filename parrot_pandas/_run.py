@@ -20,12 +20,13 @@ from ._cache import open_cache
 from ._client import Client
 from ._config import STRUCTURED_STRATEGIES, RunConfig
 from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunStats
+from ._feed import LOOKUP_BATCH, Job
 from ._frame import ERROR_COLUMN, explode
 from ._limits import Budget, RateBudget
 from ._plan import RequestPlan
 from ._pricing import cost
 from ._progress import progress_listener
-from ._scheduler import LOOKUP_BATCH, Job, Scheduler
+from ._scheduler import Scheduler
 from ._structured import Field, normalize_fields
 from ._template import PromptTemplate
 from .errors import ConfigurationError, RowsFailedError

@@ -37,21 +37,19 @@ from ._events import (
     Retry,
     RowsDone,
     RowsFailed,
-    RowsSkipped,
     RunFinished,
     RunStarted,
     Usage,
 )
+from ._feed import Feed, Job
 from ._limits import Budget
 from ._plan import RequestPlan
 from .errors import APIError, StructuredOutputError
 
-__all__ = ["LOOKUP_BATCH", "Job", "Scheduler"]
+__all__ = ["Scheduler"]
 
 logger = logging.getLogger("parrot_pandas")
 
-# Rows rendered and looked up in the cache together (one SQLite query per batch).
-LOOKUP_BATCH = 256
 # 400s that belong to one row (its prompt), not to the run's configuration.
 _ROW_SPECIFIC = re.compile(
     r"context.{0,20}(length|window)|maximum context|too many tokens|too long|content.?filter",
@@ -67,25 +65,6 @@ _STRATEGY_PARAMETER = re.compile(
 )
 # Error codes that belong to one row's prompt (OpenAI's too-long prompt, Azure's content filter).
 _ROW_SPECIFIC_CODES = frozenset({"context_length_exceeded", "content_filter"})
-
-
-class Job:
-    """One distinct request: a prompt, the rows that share it, and its outcome.
-
-    ``key`` is the request's cache key, or the prompt itself in a run without a cache.
-    """
-
-    __slots__ = ("key", "prompt", "rows", "samples", "values", "error", "cached", "done")
-
-    def __init__(self, key: str, prompt: str) -> None:
-        self.key = key
-        self.prompt: str | None = prompt
-        self.rows = 1
-        self.samples: dict[int, Any] = {}
-        self.values: list[Any] | None = None
-        self.error: str | None = None
-        self.cached = False
-        self.done = False
 
 
 class _Gate:
@@ -188,7 +167,6 @@ class Scheduler:
         self._per_request = config.samples_per_request or config.n
         self._max_concurrency = config.max_concurrency
         self._max_output = config.max_output_tokens
-        self._refresh = config.refresh
         self._gate = _Gate(config.max_concurrency)
         self._latency: float | None = None
         self._tokens_per_request: float | None = None
@@ -252,7 +230,13 @@ class Scheduler:
         """
         self._emit(RunStarted(rows=rows, usage=self.usage))
         outcome = [] if outcome is None else outcome
-        feed = self._feed(prompts, outcome, dedupe_window)
+        feed = Feed(
+            self.plan,
+            finish=functools.partial(self._finish, cached=True),
+            cache=self.cache,
+            emit=self._emit,
+            window=dedupe_window,
+        ).jobs(prompts, outcome)
         try:
             first = next(feed, None)
             if first is not None:
@@ -320,64 +304,6 @@ class Scheduler:
             "rpm": snapshot.get("rpm"),
             "tpm": snapshot.get("tpm"),
         }
-
-    # -- feeding -------------------------------------------------------------------------
-
-    def _feed(
-        self, prompts: Iterable[str | None], outcome: list[Job | None], window: int | None
-    ) -> Iterator[Job]:
-        by_key: dict[str, Job] = {}
-        batch: list[Job] = []
-        # Within one run the cache key is a function of the prompt alone, so without a cache
-        # the prompt tells requests apart just as well, and the hashing is skipped.
-        key_of = self.plan.key if self.cache is not None else None
-        for prompt in prompts:
-            if prompt is None:
-                outcome.append(None)
-                self._emit(RowsSkipped(rows=1))
-                continue
-            key = key_of(prompt) if key_of is not None else prompt
-            job = by_key.get(key)
-            if job is not None:
-                # The same request again: share the answer instead of paying for it twice.
-                outcome.append(job)
-                if not job.done:
-                    job.rows += 1
-                elif job.error is not None:
-                    self._emit(RowsFailed(rows=1, error=job.error))
-                else:
-                    self._emit(RowsDone(rows=1, cached=job.cached))
-                continue
-            job = by_key[key] = Job(key, prompt)
-            if window is not None and len(by_key) > window:
-                # Forget the oldest prompt (dicts keep insertion order); a later duplicate of it
-                # is then answered by the cache instead of by sharing.
-                del by_key[next(iter(by_key))]
-            outcome.append(job)
-            batch.append(job)
-            if len(batch) >= LOOKUP_BATCH:
-                yield from self._lookup(batch)
-                batch = []
-        yield from self._lookup(batch)
-
-    def _lookup(self, batch: list[Job]) -> Iterator[Job]:
-        hits: dict[str, dict[int, str]] = {}
-        if self.cache is not None and not self._refresh and batch:
-            hits = self.cache.get_many([job.key for job in batch], self._n)
-        if not hits:
-            yield from batch
-            return
-        parse = self.plan.parse
-        for job in batch:
-            for index, text in hits.get(job.key, {}).items():
-                try:
-                    job.samples[index] = parse(text)
-                except StructuredOutputError:
-                    continue  # an entry the current parser rejects is simply asked again
-            if len(job.samples) >= self._n:
-                self._finish(job, cached=True)
-            else:
-                yield job
 
     # -- one job ---------------------------------------------------------------------------
 

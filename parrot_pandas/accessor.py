@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from ._pricing import estimate as _estimate
+from ._estimate import estimate as _estimate
 from ._run import Run, prepare
 from ._runner import iterate_sync, run_sync
 from .errors import ConfigurationError

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import types
 
 import pandas as pd
 import pytest
 
-from parrot_pandas import _pricing as pricing
-from parrot_pandas._cache import ResponseCache, default_cache_path
-from parrot_pandas._pricing import approximate_tokens
+from parrot_pandas import _feed as feed
+from parrot_pandas import _tokens as tokens
+from parrot_pandas._cache import _MIGRATIONS, ResponseCache, default_cache_path
 from parrot_pandas._run import prepare
+from parrot_pandas._tokens import approximate_tokens
 
 COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
 
@@ -25,9 +27,9 @@ def estimate_of(frame: pd.DataFrame, template: str, *, fields=None, **options) -
 def _approximate_tokens(monkeypatch: pytest.MonkeyPatch):
     # FakeServer counts ceil(len / 4) per message and per schema: so does the fallback.
     monkeypatch.setitem(sys.modules, "tiktoken", None)
-    pricing._reset_tokenizers()
+    tokens._reset_tokenizers()
     yield
-    pricing._reset_tokenizers()
+    tokens._reset_tokenizers()
 
 
 @pytest.fixture
@@ -114,12 +116,45 @@ def test_refresh_and_no_cache_count_every_row(docs, server):
 
 
 def test_an_estimate_creates_no_cache_file(docs, server, tmp_path):
-    path = tmp_path / "never.sqlite3"
+    path = tmp_path / "not" / "yet" / "never.sqlite3"
     est = estimate_of(docs, "${title}", base_url=server.url, cache=str(path))
     assert est["requests"] == 4
-    assert not path.exists() and not default_cache_path().exists()
+    assert not path.parent.parent.exists() and not default_cache_path().exists()
     estimate_of(docs, "${title}", base_url=server.url)
     assert not default_cache_path().exists()
+
+
+def test_an_estimate_leaves_the_cache_file_as_it_was(docs, server, tmp_path):
+    path = tmp_path / "answers.sqlite3"
+    docs.iloc[:2].llm.generate("${title}", base_url=server.url, cache=str(path))
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    est = estimate_of(docs, "${title}", base_url=server.url, cache=str(path))
+    assert est["cached_rows"] == 2 and est["requests"] == 2
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_an_estimate_reads_an_older_cache_without_migrating_it(docs, server, tmp_path):
+    # Schema version 1, in SQLite's default journal mode: opening it for a run would switch
+    # it to WAL, copy its table (migration 2) and VACUUM. An estimate only reads it.
+    path = tmp_path / "old.sqlite3"
+    options = {"base_url": server.url, "cache": str(path)}
+    run = prepare(docs, "${title}", None, "output", None, None, 1, options, sending=False)
+    conn = sqlite3.connect(path)
+    _MIGRATIONS[0](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO responses (key, sample, value, model, created) VALUES (?, 0, 'hi', 'm', 0)",
+        (run.plan.key("Ada"),),
+    )
+    conn.commit()
+    conn.close()
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    est = estimate_of(docs, "${title}", **options)
+    assert est["cached_rows"] == 1 and est["requests"] == 3
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
 
 
 def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
@@ -135,7 +170,7 @@ def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
 
 
 def test_duplicates_across_lookup_batches(monkeypatch, server):
-    monkeypatch.setattr(pricing, "_LOOKUP_BATCH", 2)
+    monkeypatch.setattr(feed, "LOOKUP_BATCH", 2)
     df = pd.DataFrame({"t": list("abcabcdd") + [None]})
     df.iloc[[0, 4]].llm.generate("${t}", base_url=server.url)  # a and b are cached
     est = estimate_of(df, "${t}", base_url=server.url)
@@ -167,7 +202,7 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     module.encoding_name_for_model = lambda model: "o200k_base"  # type: ignore[attr-defined]
     module.get_encoding = lambda name: Words()  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tiktoken", module)
-    pricing._reset_tokenizers()
+    tokens._reset_tokenizers()
     one = docs.iloc[:1]  # "name=Ada, year=1815": two words
     est = estimate_of(one, "${text}", cache=False)
     assert est["tokenizer"] == "tiktoken:o200k_base"
@@ -176,7 +211,7 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     extract = estimate_of(one, "${text}", fields=fields, cache=False)
     run = prepare(one, "${text}", fields, None, None, None, 1, {"api_key": "sk-test"})
     schema_words = len(json.dumps(run.plan.schema).split())
-    assert extract["prompt_tokens"] == est["prompt_tokens"] + pricing._TOOL_OVERHEAD + schema_words
+    assert extract["prompt_tokens"] == est["prompt_tokens"] + tokens._TOOL_OVERHEAD + schema_words
 
 
 def test_estimate_needs_no_key_and_sends_nothing(docs, monkeypatch):
