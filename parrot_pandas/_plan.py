@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ._cache import key_function
 from ._config import RunConfig
 from ._pricing import approximate_tokens
-from ._structured import Field, Fields, dedupe_items, normalize_fields
+from ._structured import Field, Fields, normalize_fields
 from .providers import Call
 
 __all__ = ["RequestPlan"]
@@ -136,7 +136,7 @@ class RequestPlan:
         """The distinct outputs of a row's samples, in first-seen order."""
         if self.fields is None:
             return list(dict.fromkeys(samples))
-        return dedupe_items(item for items in samples for item in items)
+        return self.fields.dedupe(item for items in samples for item in items)
 
 
 def _chat(system: str | None, prompt: str) -> tuple[dict[str, str], ...]:

@@ -214,6 +214,22 @@ class Fields(tuple):
         """Parse one answer into coerced objects (see :func:`parse_items`)."""
         return self._parser(text)
 
+    def dedupe(self, items: Iterable[dict]) -> list[dict]:
+        """Drop repeated parsed objects, keeping the first of each in order.
+
+        :func:`dedupe_items` for objects from :meth:`parse`, cheaper: they all hold the
+        fields' keys in order, and one field's values all have one type (or are ``None``),
+        so the values alone tell objects apart.
+        """
+        seen: set = set()
+        unique = []
+        for item in items:
+            key = tuple(tuple(v) if type(v) is list else v for v in item.values())
+            if key not in seen:
+                seen.add(key)
+                unique.append(item)
+        return unique
+
     @cached_property
     def _parser(self) -> _Parser:
         return _Parser(self)

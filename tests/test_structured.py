@@ -573,6 +573,24 @@ def test_dedupe_items(items, expected):
     ]
 
 
+def test_fields_dedupe_parsed_objects_like_dedupe_items():
+    fields = normalize_fields({"name": str, "year": int | None, "tags": list[str]})
+    samples = [
+        '[{"name": "a", "year": 1, "tags": ["x", "y"]}, {"name": "a", "year": null, "tags": []}]',
+        '[{"tags": ["x", "y"], "year": "1", "name": "a"}, {"name": "a", "year": 1, "tags": ["y"]}]',
+        '[{"name": "a", "year": null, "tags": []}]',
+    ]
+    items = [item for text in samples for item in fields.parse(text)]
+    assert fields.dedupe(items) == dedupe_items(items)
+    assert fields.dedupe(items) == [
+        {"name": "a", "year": 1, "tags": ["x", "y"]},
+        {"name": "a", "year": None, "tags": []},
+        {"name": "a", "year": 1, "tags": ["y"]},
+    ]
+    assert fields.dedupe(items)[0] is items[0]
+    assert fields.dedupe([]) == []
+
+
 def test_dedupe_keeps_first_object_identity():
     first, second = {"a": [1]}, {"a": [1]}
     (kept,) = dedupe_items([first, second])
