@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._cache import key_function
 from ._config import RunConfig
-from ._structured import Field, dedupe_items, items_schema, parse_items, schema_instructions
+from ._structured import Field, Fields, normalize_fields
 from ._tokens import approximate_tokens
 from .providers import Call
 
@@ -31,20 +31,25 @@ class RequestPlan:
     ----------
     config : RunConfig
         The run's settings.
-    fields : tuple of Field, optional
-        For ``extract``: the normalized fields; ``None`` for ``generate``.
+    fields : Fields, optional
+        For ``extract``: the fields, compiled once (a tuple of :class:`Field` is compiled on
+        construction); ``None`` for ``generate``.
     strategy : str
         How a structured answer is asked for (see ``config.STRUCTURED_STRATEGIES``).
     """
 
     config: RunConfig
-    fields: tuple[Field, ...] | None = None
+    fields: Fields | tuple[Field, ...] | None = None
     strategy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fields is not None and not isinstance(self.fields, Fields):
+            object.__setattr__(self, "fields", normalize_fields(self.fields))
 
     @cached_property
     def schema(self) -> dict[str, Any] | None:
-        """The JSON Schema of a structured answer, ``None`` for free text."""
-        return items_schema(self.fields) if self.fields is not None else None
+        """The JSON Schema of a structured answer, ``None`` for free text (shared: read only)."""
+        return self.fields.schema if self.fields is not None else None
 
     @cached_property
     def _schema_tokens(self) -> int:
@@ -59,7 +64,7 @@ class RequestPlan:
         system = self.config.system
         if self.fields is not None and self.strategy in ("json_object", "prompt"):
             # Without native structured output the schema has to travel in the text.
-            instructions = schema_instructions(self.fields)
+            instructions = self.fields.instructions
             system = f"{system}\n\n{instructions}" if system else instructions
         return _chat(system, prompt)
 
@@ -118,17 +123,20 @@ class RequestPlan:
 
     @cached_property
     def parse(self) -> Callable[[str], Any]:
-        """Text of one sample -> its value (raises ``StructuredOutputError`` when invalid)."""
+        """Text of one sample -> its value (raises ``StructuredOutputError`` when invalid).
+
+        For ``extract``, the fields' compiled parser: types were analysed when the fields
+        were built, so each answer is checked and coerced exactly once, here.
+        """
         if self.fields is None:
             return _text
-        fields = self.fields
-        return lambda text: parse_items(text, fields)
+        return self.fields.parse
 
     def combine(self, samples: list[Any]) -> list[Any]:
         """The distinct outputs of a row's samples, in first-seen order."""
         if self.fields is None:
             return list(dict.fromkeys(samples))
-        return dedupe_items(item for items in samples for item in items)
+        return self.fields.dedupe(item for items in samples for item in items)
 
 
 def _chat(system: str | None, prompt: str) -> tuple[dict[str, str], ...]:

@@ -1,32 +1,47 @@
 """Fields -> JSON Schema, parsing and validation of answers, output dtypes.
 
 ``extract(..., fields=...)`` asks the model for ``{"items": [{field: value, ...}, ...]}``.
-This module turns the user's ``fields`` into :class:`Field` objects, builds the JSON Schema
-sent to servers with native structured output (valid for OpenAI's strict mode), writes the
-instruction used for servers without it, parses and coerces each answer, and builds the
-typed output columns. Everything here is pure: no HTTP, no provider specifics.
+This module turns the user's ``fields`` into :class:`Fields`, compiled once per run: each
+:class:`Field` knows its JSON Schema (valid for OpenAI's strict mode) and its output dtype,
+and the set knows the instruction used for servers without a schema mode and the parser that
+checks and coerces an answer, once. :func:`to_column` then only builds typed arrays from the
+parsed values. Everything here is pure: no HTTP, no provider specifics.
+
+Two kinds of bad answer are told apart, because only one of them is worth paying for again:
+
+- an answer that breaks the JSON Schema sent (not JSON, wrong shape, a missing field, a
+  string where a number belongs, a choice not offered) may come out right when asked again:
+  a retryable :class:`StructuredOutputError`;
+- a value the schema allows but the column cannot hold (an integer outside 64 bits, a number
+  too large for a float, a date that does not exist or does not parse) would come back the
+  same: a :class:`StructuredOutputError` whose verdict is ``Verdict("row", False,
+  "invalid_value")``, which fails that row alone.
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
 import json
 import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, Union, get_args, get_origin
 
 import numpy as np
 import pandas as pd
 
-from parrot_pandas.errors import ConfigurationError, StructuredOutputError
+from parrot_pandas.errors import ConfigurationError, StructuredOutputError, Verdict
 
 __all__ = [
+    "INVALID_VALUE",
     "RESERVED_NAMES",
     "Field",
+    "Fields",
     "dedupe_items",
     "items_schema",
     "normalize_fields",
@@ -34,31 +49,59 @@ __all__ = [
     "parse_items",
     "schema_instructions",
     "to_column",
+    "value_error",
 ]
 
 #: Output column names the result frame uses itself, so no field may take them.
 RESERVED_NAMES = frozenset({"llm_error"})
 
+#: The verdict on a value the schema allows but its column cannot hold: asking again would
+#: give the same value, so only that row fails, and at once.
+INVALID_VALUE = Verdict("row", False, "invalid_value")
+
 SUPPORTED_TYPES = (
-    "str, int, float, bool, list[X] of one of these, Literal['a', 'b'], an Enum subclass, "
-    "or Optional[X] / X | None of any of them"
+    "str, int, float, bool, datetime.date, datetime.datetime, list[X] of one of these, "
+    "Literal['a', 'b'], an Enum subclass, or Optional[X] / X | None of any of them"
 )
 
 _NONE_TYPE = type(None)
 # ``X | None`` is a types.UnionType before Python 3.14 and a typing.Union from 3.14 on.
 _UNION_ORIGINS = (Union, types.UnionType)
-_SCALAR_KINDS = {str: "str", bool: "bool", int: "int", float: "float"}
-_JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+# datetime.datetime subclasses datetime.date: looked up by the exact class, never isinstance.
+_SCALAR_KINDS = {
+    str: "str",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    datetime.date: "date",
+    datetime.datetime: "datetime",
+}
+_SCALAR_SCHEMAS = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "date": {"type": "string", "format": "date"},
+    "datetime": {"type": "string", "format": "date-time"},
+}
+_DESCRIPTIONS = {"date": "date (YYYY-MM-DD)", "datetime": "datetime (ISO 8601)"}
+# Microseconds hold every date and time Python's datetime can (years 1 to 9999), so no parsed
+# value is out of the column's range; pandas parses date strings to this unit by default.
+_DATETIME_DTYPE = "datetime64[us]"
 _DTYPES = {
     "str": "string",
     "int": "Int64",
     "float": "Float64",
     "bool": "boolean",
+    "date": _DATETIME_DTYPE,
+    "datetime": _DATETIME_DTYPE,
     "choice": "category",
     "list": "object",
 }
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TRUE = frozenset({"true", "yes", "1"})
 _FALSE = frozenset({"false", "no", "0"})
+_NOT_A_NUMBER = frozenset({"nan", "inf", "infinity"})
 _SHOW_CHARS = 60
 _EXCERPT_CHARS = 80
 # Bounds the prose scan: answers are small, but a pathological one must not go quadratic.
@@ -81,12 +124,16 @@ class Field:
         The field's JSON Schema (nullable fields allow ``null``).
     dtype : str
         The output column's pandas dtype: ``"string"``, ``"Int64"``, ``"Float64"``,
-        ``"boolean"``, ``"category"`` (closed choices) or ``"object"`` (lists).
+        ``"boolean"``, ``"datetime64[us]"`` (dates and datetimes), ``"category"`` (closed
+        choices) or ``"object"`` (lists).
     nullable : bool
         Whether the field was declared ``Optional[...]`` / ``X | None``.
     choices : tuple or None
         The closed set of values of a ``Literal`` or ``Enum`` field (an Enum's values, not
         its members), else ``None``.
+    kind : _Type
+        The analysed type the parser is compiled from (worked out from ``annotation`` when
+        not given); not part of equality.
     """
 
     name: str
@@ -95,13 +142,25 @@ class Field:
     dtype: str
     nullable: bool = False
     choices: tuple | None = None
+    kind: _Type = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            object.__setattr__(self, "kind", _analyse(self.annotation, self.name)[0])
+
+    @property
+    def output_dtype(self) -> Any:
+        """The column dtype as ``Series.astype`` takes it (a ``CategoricalDtype`` for choices)."""
+        if self.dtype == "category":
+            return pd.CategoricalDtype(categories=list(self.choices or ()))
+        return self.dtype
 
 
 @dataclass(frozen=True)
 class _Type:
     """What an annotation means once ``Optional`` is peeled off."""
 
-    kind: str  # "str" | "int" | "float" | "bool" | "choice" | "list"
+    kind: str  # "str" | "int" | "float" | "bool" | "date" | "datetime" | "choice" | "list"
     item: _Type | None = None  # element type of a list
     choices: tuple = ()  # canonical values of a choice
     names: tuple = ()  # Enum member names, parallel to ``choices``, accepted as aliases
@@ -114,32 +173,93 @@ class _Type:
             shown = ", ".join(repr(c) for c in self.choices[:10])
             more = f", ... ({len(self.choices)} choices)" if len(self.choices) > 10 else ""
             return f"one of {shown}{more}"
-        return self.kind
+        return _DESCRIPTIONS.get(self.kind, self.kind)
+
+
+class Fields(tuple):
+    """The fields of one run, compiled once: schema, instruction, parser and dtypes.
+
+    A tuple of :class:`Field` (it iterates, indexes and compares as one), built by
+    :func:`normalize_fields`. What it derives is worked out on first use and kept, so a run
+    analyses its types once, not once per answer.
+    """
+
+    def __new__(cls, fields: Iterable[Field] = ()) -> Fields:
+        return super().__new__(cls, fields)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The compiled parser holds closures: rebuild it where the fields are unpickled.
+        return (Fields, (tuple(self),))
+
+    @cached_property
+    def schema(self) -> dict:
+        """The JSON Schema of an answer (see :func:`items_schema`); shared, do not mutate."""
+        return _items_schema(self)
+
+    @cached_property
+    def instructions(self) -> str:
+        """The instruction for servers without a schema mode (see :func:`schema_instructions`)."""
+        schema = json.dumps(self.schema, ensure_ascii=False)
+        return (
+            f"Answer with only a JSON object of this form: {schema}. "
+            'Put every object you find in "items"; use [] if there are none.'
+        )
+
+    @cached_property
+    def dtypes(self) -> dict[str, Any]:
+        """Field name -> output column dtype (see :func:`output_dtypes`)."""
+        return {f.name: f.output_dtype for f in self}
+
+    def parse(self, text: str) -> list[dict]:
+        """Parse one answer into coerced objects (see :func:`parse_items`)."""
+        return self._parser(text)
+
+    def dedupe(self, items: Iterable[dict]) -> list[dict]:
+        """Drop repeated parsed objects, keeping the first of each in order.
+
+        :func:`dedupe_items` for objects from :meth:`parse`, cheaper: they all hold the
+        fields' keys in order, and one field's values all have one type (or are ``None``),
+        so the values alone tell objects apart.
+        """
+        seen: set = set()
+        unique = []
+        for item in items:
+            key = tuple(tuple(v) if type(v) is list else v for v in item.values())
+            if key not in seen:
+                seen.add(key)
+                unique.append(item)
+        return unique
+
+    @cached_property
+    def _parser(self) -> _Parser:
+        return _Parser(self)
 
 
 # --------------------------------------------------------------------------- fields
 
 
-def normalize_fields(fields: Any) -> tuple[Field, ...]:
-    """Turn the ``fields`` a user passed to ``extract`` into a tuple of :class:`Field`.
+def normalize_fields(fields: Any) -> Fields:
+    """Turn the ``fields`` a user passed to ``extract`` into compiled :class:`Fields`.
 
     Parameters
     ----------
     fields : list of str, dict of str -> type, or pydantic.BaseModel subclass
         - a list or tuple of names: every field is a ``str``;
-        - a dict mapping each name to ``str``, ``int``, ``float``, ``bool``, ``list[X]``
-          (``X`` one of the former, a ``Literal`` or an ``Enum``), ``Literal["a", "b"]``,
-          an ``enum.Enum`` subclass, or ``Optional[X]`` / ``X | None`` of any of these;
+        - a dict mapping each name to ``str``, ``int``, ``float``, ``bool``,
+          ``datetime.date``, ``datetime.datetime``, ``list[X]`` (``X`` one of the former, a
+          ``Literal`` or an ``Enum``), ``Literal["a", "b"]``, an ``enum.Enum`` subclass, or
+          ``Optional[X]`` / ``X | None`` of any of these;
         - a pydantic ``BaseModel`` subclass (pydantic v2), whose fields follow the same
           rules and whose ``Field(description=...)`` is passed on to the model.
 
-        A tuple of :class:`Field` is returned unchanged, so every function here accepts
-        what this one returns.
+        :class:`Fields` are returned unchanged (and a tuple of :class:`Field` is compiled
+        without analysing its types again), so every function here accepts what this one
+        returns, at no cost.
 
     Returns
     -------
-    tuple of Field
-        In the order given.
+    Fields
+        A tuple of :class:`Field` in the order given, compiled once.
 
     Raises
     ------
@@ -156,6 +276,8 @@ def normalize_fields(fields: Any) -> tuple[Field, ...]:
     >>> year.schema, year.dtype, year.nullable
     ({'type': ['integer', 'null']}, 'Int64', True)
     """
+    if isinstance(fields, Fields):
+        return fields
     if isinstance(fields, str):
         raise ConfigurationError(
             f"fields must be a list of names, a dict of name -> type or a pydantic model, "
@@ -207,7 +329,7 @@ def normalize_fields(fields: Any) -> tuple[Field, ...]:
             result.append(annotation)
         else:
             result.append(_make_field(name, annotation, description))
-    return tuple(result)
+    return Fields(result)
 
 
 def _check_name(name: Any) -> None:
@@ -243,6 +365,7 @@ def _make_field(name: str, annotation: Any, description: str | None) -> Field:
         dtype=_DTYPES[kind.kind],
         nullable=nullable,
         choices=kind.choices if kind.kind == "choice" else None,
+        kind=kind,
     )
 
 
@@ -352,7 +475,7 @@ def _type_schema(kind: _Type) -> dict:
     if kind.kind == "choice":
         json_type = "string" if isinstance(kind.choices[0], str) else "integer"
         return {"type": json_type, "enum": list(kind.choices)}
-    return {"type": _JSON_TYPES[kind.kind]}
+    return dict(_SCALAR_SCHEMAS[kind.kind])
 
 
 def items_schema(fields: Any) -> dict:
@@ -379,7 +502,10 @@ def items_schema(fields: Any) -> dict:
     {'type': 'object', 'properties': {'answer': {'type': 'string'}}, 'required': ['answer'], \
 'additionalProperties': False}
     """
-    fields = normalize_fields(fields)
+    return _items_schema(normalize_fields(fields))
+
+
+def _items_schema(fields: Fields) -> dict:
     item = {
         "type": "object",
         "properties": {f.name: json.loads(json.dumps(f.schema)) for f in fields},
@@ -412,11 +538,7 @@ def schema_instructions(fields: Any) -> str:
     Answer with only a JSON object of this form: {"type": "object", ...}. Put every object \
 you find in "items"; use [] if there are none.
     """
-    schema = json.dumps(items_schema(fields), ensure_ascii=False)
-    return (
-        f"Answer with only a JSON object of this form: {schema}. "
-        'Put every object you find in "items"; use [] if there are none.'
-    )
+    return normalize_fields(fields).instructions
 
 
 # --------------------------------------------------------------------------- parsing
@@ -433,7 +555,9 @@ def parse_items(text: str, fields: Any) -> list[dict]:
         key holds an array (``{"results": [...]}``) is read like ``"items"``. The JSON may
         sit in a fenced code block or in prose (the first balanced JSON object or array that
         parses is used); ``<think>...</think>`` blocks of reasoning models are ignored.
-    fields : tuple of Field, or anything :func:`normalize_fields` accepts
+    fields : Fields, or anything :func:`normalize_fields` accepts
+        Pass the compiled :class:`Fields` when parsing many answers: other forms are
+        compiled on every call.
 
     Returns
     -------
@@ -441,17 +565,24 @@ def parse_items(text: str, fields: Any) -> list[dict]:
         One dict per object, with the fields' keys in order. Values are coerced: ints from
         ``"3"`` or ``3.0``; floats from ``"2.5"``; bools from ``true``/``false``,
         ``"yes"``/``"no"``, ``"true"``/``"false"``, ``1``/``0``; strings from numbers;
-        lists from a single value (``"a"`` -> ``["a"]``); choices matched
+        dates from ISO 8601 text (``"2024-05-31"``, a ``datetime.date``); datetimes from
+        ISO 8601 text (a naive ``datetime.datetime``; one with an offset is converted to
+        UTC); lists from a single value (``"a"`` -> ``["a"]``); choices matched
         case-insensitively to their canonical value (an Enum's value, or member name).
         Optional fields that are null or missing become ``None``; extra keys are dropped.
-        Keys are matched exactly first, then case-insensitively.
+        Keys are matched exactly first, then case-insensitively. Every value fits its
+        output column, so :func:`to_column` takes them as they are.
 
     Raises
     ------
     StructuredOutputError
         If the answer holds no JSON (``answer is not valid JSON: ...``), has the wrong
         shape, an item is not an object, a required field is missing or null, or a value
-        cannot be coerced (``field 'year': expected int, got 'nineteen-ten'``).
+        is not of its type (``field 'year': expected int, got 'nineteen-ten'``): retryable.
+        If a value is of its type but its column cannot hold it (an integer outside 64
+        bits, a non-finite number, a date that does not parse or does not exist), the
+        error's verdict is :data:`INVALID_VALUE` (``Verdict("row", False,
+        "invalid_value")``): asking again would not help.
 
     Examples
     --------
@@ -461,20 +592,98 @@ def parse_items(text: str, fields: Any) -> list[dict]:
     >>> parse_items('[]', ["name"])
     []
     """
-    fields = normalize_fields(fields)
-    kinds = [_analyse(f.annotation, f.name)[0] for f in fields]
-    value = _load_json(text)
-    raw_items = _raw_items(value, fields)
-    total = len(raw_items)
-    items = []
-    for position, raw in enumerate(raw_items):
-        where = f" (item {position + 1} of {total})" if total > 1 else ""
-        if not isinstance(raw, dict):
+    return normalize_fields(fields).parse(text)
+
+
+class _Parser:
+    """An answer parser compiled from fields: one converter per field, built once."""
+
+    def __init__(self, fields: Fields) -> None:
+        self.names = frozenset(f.name for f in fields)
+        self.folded_names = frozenset(f.name.casefold() for f in fields)
+        self.expected = ", ".join(repr(f.name) for f in fields)
+        # Per field: name, its case-folded form, converter, nullable, what is expected.
+        self.slots = tuple(
+            (f.name, f.name.casefold(), _converter(f.kind), f.nullable, f.kind.describe())
+            for f in fields
+        )
+
+    def __call__(self, text: str) -> list[dict]:
+        raw_items = self._raw_items(_load_json(text))
+        total = len(raw_items)
+        items = []
+        for position, raw in enumerate(raw_items):
+            if not isinstance(raw, dict):
+                raise StructuredOutputError(
+                    f"item {position + 1} of the answer is not a JSON object: {_show(raw)}"
+                )
+            items.append(self._item(raw, f" (item {position + 1} of {total})" if total > 1 else ""))
+        return items
+
+    def _item(self, raw: dict, where: str) -> dict:
+        item = {}
+        folded: dict[str, Any] | None = None
+        for name, fold, convert, nullable, expected in self.slots:
+            value = raw.get(name, _MISSING)
+            if value is _MISSING:
+                if folded is None:
+                    # Built only when a key is not spelled exactly: most answers never need it.
+                    folded = {}
+                    for key, v in raw.items():
+                        if isinstance(key, str):
+                            folded.setdefault(key.casefold(), v)
+                value = folded.get(fold, _MISSING)
+            if value is None or value is _MISSING:
+                if nullable:
+                    item[name] = None
+                    continue
+                if value is _MISSING:
+                    keys = ", ".join(repr(k) for k in list(raw)[:10]) or "none"
+                    raise StructuredOutputError(
+                        f"field {name!r}: missing, expected {expected}{where}; "
+                        f"the object's keys are {keys}"
+                    )
+            try:
+                item[name] = convert(value)
+            except _Invalid as exc:
+                raise exc.error(f"field {name!r}", where) from None
+        return item
+
+    def _raw_items(self, value: Any) -> list:
+        if isinstance(value, list):
+            return value
+        if not isinstance(value, dict):
             raise StructuredOutputError(
-                f"item {position + 1} of the answer is not a JSON object: {_show(raw)}"
+                f'answer is not a JSON object or array: {_show(value)}; expected {{"items": [...]}}'
             )
-        items.append(_coerce_item(raw, fields, kinds, where))
-    return items
+        if "items" in value:
+            wrapped = value["items"]
+            is_wrapper = "items" not in self.names or (
+                isinstance(wrapped, list)
+                and (all(isinstance(v, dict) for v in wrapped) if wrapped else len(value) == 1)
+            )
+            if is_wrapper:
+                if wrapped is None:
+                    return []
+                if not isinstance(wrapped, list):
+                    raise StructuredOutputError(
+                        f'"items" in the answer must be a JSON array, got {_show(wrapped)}'
+                    )
+                return wrapped
+        folded = self.folded_names
+        if any(isinstance(k, str) and k.casefold() in folded for k in value):
+            return [value]
+        if len(value) == 1:
+            # Models without a schema mode often pick their own wrapper key ("results",
+            # "pairs"); one array under one key can only mean the items.
+            (only,) = value.values()
+            if isinstance(only, list):
+                return only
+        keys = ", ".join(repr(k) for k in list(value)[:10]) or "none"
+        raise StructuredOutputError(
+            f'answer is a JSON object without "items" or any of the fields {self.expected}; '
+            f"its keys are {keys}"
+        )
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -568,123 +777,71 @@ def _balanced_end(text: str, start: int) -> int | None:
     return None
 
 
-def _raw_items(value: Any, fields: tuple[Field, ...]) -> list:
-    if isinstance(value, list):
-        return value
-    if not isinstance(value, dict):
-        raise StructuredOutputError(
-            f'answer is not a JSON object or array: {_show(value)}; expected {{"items": [...]}}'
+class _Invalid(Exception):
+    """A value a converter refused: not of its type, or (with a reason) not fit for its column."""
+
+    def __init__(self, value: Any, expected: str, reason: str | None = None) -> None:
+        super().__init__(value, expected, reason)
+        self.value = value
+        self.expected = expected
+        self.reason = reason
+        self.path = ""  # " element 2" when inside a list
+
+    def error(self, label: str, where: str) -> StructuredOutputError:
+        label += self.path
+        if self.reason is None:
+            return StructuredOutputError(
+                f"{label}: expected {self.expected}, got {_show(self.value)}{where}"
+            )
+        return StructuredOutputError(
+            f"{label}: {_show(self.value)} does not fit {self.expected}: {self.reason}{where}",
+            verdict=INVALID_VALUE,
         )
-    names = {f.name for f in fields}
-    folded = {f.name.casefold() for f in fields}
-    if "items" in value:
-        wrapped = value["items"]
-        is_wrapper = "items" not in names or (
-            isinstance(wrapped, list)
-            and (all(isinstance(v, dict) for v in wrapped) if wrapped else len(value) == 1)
-        )
-        if is_wrapper:
-            if wrapped is None:
-                return []
-            if not isinstance(wrapped, list):
-                raise StructuredOutputError(
-                    f'"items" in the answer must be a JSON array, got {_show(wrapped)}'
-                )
-            return wrapped
-    if any(isinstance(k, str) and k.casefold() in folded for k in value):
-        return [value]
-    if len(value) == 1:
-        # Models without a schema mode often pick their own wrapper key ("results",
-        # "pairs"); one array under one key can only mean the items.
-        (only,) = value.values()
-        if isinstance(only, list):
-            return only
-    keys = ", ".join(repr(k) for k in list(value)[:10]) or "none"
-    expected = ", ".join(repr(f.name) for f in fields)
-    raise StructuredOutputError(
-        f'answer is a JSON object without "items" or any of the fields {expected}; '
-        f"its keys are {keys}"
-    )
 
 
-def _coerce_item(raw: dict, fields: tuple[Field, ...], kinds: list[_Type], where: str) -> dict:
-    folded: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(key, str):
-            folded.setdefault(key.casefold(), value)
-    item = {}
-    for f, kind in zip(fields, kinds, strict=True):
-        value = raw.get(f.name, _MISSING)
-        if value is _MISSING:
-            value = folded.get(f.name.casefold(), _MISSING)
-        if value is _MISSING or value is None:
-            if f.nullable:
-                item[f.name] = None
-                continue
-            if value is _MISSING:
-                keys = ", ".join(repr(k) for k in list(raw)[:10]) or "none"
-                raise StructuredOutputError(
-                    f"field {f.name!r}: missing, expected {kind.describe()}{where}; "
-                    f"the object's keys are {keys}"
-                )
-        item[f.name] = _coerce(value, kind, f"field {f.name!r}", where)
-    return item
+_Converter = Callable[[Any], Any]
 
 
-def _coerce(value: Any, kind: _Type, label: str, where: str = "") -> Any:
-    result = _MISSING
-    if value is None:
-        pass
-    elif kind.kind == "str":
+def _converter(kind: _Type) -> _Converter:
+    """The function that checks and coerces one value of ``kind``, raising ``_Invalid``."""
+    return _CONVERTER_BUILDERS[kind.kind](kind)
+
+
+def _str_converter(kind: _Type) -> _Converter:
+    def convert(value: Any) -> Any:
         if isinstance(value, str):
-            result = value
-        elif isinstance(value, bool):
-            result = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            result = str(value)
-    elif kind.kind == "int":
-        result = _to_int(value)
-    elif kind.kind == "float":
-        number = math.nan
-        try:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value)
-            elif isinstance(value, str):
-                number = float(value.strip())
-        except (ValueError, OverflowError):
-            pass
-        if math.isfinite(number):
-            result = number
-    elif kind.kind == "bool":
+            return value
         if isinstance(value, bool):
-            result = value
-        elif isinstance(value, int) and value in (0, 1):
-            result = bool(value)
-        elif isinstance(value, str):
-            word = value.strip().casefold()
-            result = True if word in _TRUE else False if word in _FALSE else _MISSING
-    elif kind.kind == "choice":
-        result = _to_choice(value, kind)
-    elif kind.kind == "list":
-        assert kind.item is not None
-        if isinstance(value, list):
-            result = [
-                _coerce(v, kind.item, f"{label} element {i}", where) for i, v in enumerate(value)
-            ]
-        elif isinstance(value, (str, int, float)):
-            result = [_coerce(value, kind.item, label, where)]
-    if result is _MISSING:
-        raise StructuredOutputError(
-            f"{label}: expected {kind.describe()}, got {_show(value)}{where}"
-        )
-    return result
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise _Invalid(value, "str")
+
+    return convert
 
 
-def _to_int(value: Any) -> Any:
+def _int_converter(kind: _Type) -> _Converter:
+    def convert(value: Any) -> Any:
+        number = value if type(value) is int else _as_int(value)
+        if number is _MISSING:
+            raise _Invalid(value, "int")
+        if _INT64_MIN <= number <= _INT64_MAX:
+            return number
+        raise _Invalid(value, "int", _INT_RANGE)
+
+    return convert
+
+
+_INT_RANGE = f"an Int64 column holds {_INT64_MIN} to {_INT64_MAX}"
+_FLOAT_RANGE = "a Float64 column holds finite numbers up to about 1.8e308"
+
+
+def _as_int(value: Any) -> Any:
+    """``value`` as a Python int (possibly beyond 64 bits; infinity as ``inf``), or _MISSING."""
     if isinstance(value, bool):
         return _MISSING
     if isinstance(value, int):
-        return value
+        return int(value)
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -694,34 +851,198 @@ def _to_int(value: Any) -> Any:
                 value = float(text)
             except ValueError:
                 return _MISSING
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+            if text.lstrip("+-").casefold() in _NOT_A_NUMBER:
+                return _MISSING
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        if math.isinf(value):
+            # JSON Schema's "integer" is any number without a fraction, so 1e400 is one: a
+            # value the schema allows that no 64-bit column holds.
+            return _INT64_MAX + 1 if value > 0 else _INT64_MIN - 1
     return _MISSING
 
 
-def _to_choice(value: Any, kind: _Type) -> Any:
-    if isinstance(kind.choices[0], str):
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            return _MISSING
-        text = (value if isinstance(value, str) else str(value)).strip()
-        if text in kind.choices:
-            return text
-        folded = text.casefold()
-        for choice in kind.choices:
-            if choice.casefold() == folded:
-                return choice
-    else:
-        number = _to_int(value)
-        if number in kind.choices:
-            return number
+def _float_converter(kind: _Type) -> _Converter:
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise _Invalid(value, "float")
+        if isinstance(value, (int, float)):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _Invalid(value, "float", _FLOAT_RANGE) from None
+            if math.isfinite(number):
+                return number
+            if math.isnan(number):
+                raise _Invalid(value, "float")  # NaN is not JSON: a broken answer
+            raise _Invalid(value, "float", _FLOAT_RANGE)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                number = float(text)
+            except ValueError:
+                raise _Invalid(value, "float") from None
+            if math.isfinite(number):
+                return number
+            if text.lstrip("+-").casefold() in _NOT_A_NUMBER:
+                raise _Invalid(value, "float")
+            raise _Invalid(value, "float", _FLOAT_RANGE)
+        raise _Invalid(value, "float")
+
+    return convert
+
+
+def _bool_converter(kind: _Type) -> _Converter:
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            word = value.strip().casefold()
+            if word in _TRUE:
+                return True
+            if word in _FALSE:
+                return False
+        raise _Invalid(value, "bool")
+
+    return convert
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _date_converter(kind: _Type) -> _Converter:
+    expected = kind.describe()
+
+    def convert(value: Any) -> Any:
         if not isinstance(value, str):
-            return _MISSING
-        folded = value.strip().casefold()
+            raise _Invalid(value, expected)
+        text = value.strip()
+        try:
+            if _ISO_DATE.fullmatch(text):
+                return datetime.date.fromisoformat(text)
+            # A date with a time: the date as written, in the answer's own time zone.
+            return _parse_datetime(text).date()
+        except ValueError as exc:
+            raise _Invalid(value, expected, _date_reason(exc)) from None
+
+    return convert
+
+
+def _datetime_converter(kind: _Type) -> _Converter:
+    expected = kind.describe()
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, str):
+            raise _Invalid(value, expected)
+        try:
+            moment = _parse_datetime(value.strip())
+        except ValueError as exc:
+            raise _Invalid(value, expected, _date_reason(exc)) from None
+        if moment.tzinfo is not None:
+            # One column holds one kind of time: instants with an offset become naive UTC.
+            moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return moment
+
+    return convert
+
+
+def _parse_datetime(text: str) -> datetime.datetime:
+    if not _ISO_DATE.match(text):
+        raise ValueError("not ISO 8601")
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat does not read "Z"
+    return datetime.datetime.fromisoformat(text)
+
+
+def _date_reason(exc: ValueError) -> str:
+    detail = str(exc)
+    if "out of range" in detail or "must be in" in detail:
+        return f"no such date ({detail})"
+    return "not an ISO 8601 date such as 2024-05-31 or 2024-05-31T14:30:00"
+
+
+def _choice_converter(kind: _Type) -> _Converter:
+    expected = kind.describe()
+    # Canonical value, then its case-folded spelling, then an Enum member's name.
+    if isinstance(kind.choices[0], str):
+        lookup: dict[Any, Any] = {c.casefold(): c for c in reversed(kind.choices)}
+    else:
+        lookup = {}
     # ``names`` is empty for a Literal, so zip yields nothing there.
     for member_name, choice in zip(kind.names, kind.choices, strict=False):
-        if member_name.casefold() == folded:
-            return choice
-    return _MISSING
+        lookup.setdefault(member_name.casefold(), choice)
+
+    if isinstance(kind.choices[0], str):
+        exact = frozenset(kind.choices)
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, str):
+                if value in exact:
+                    return value
+                text = value.strip()
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                text = str(value)
+            else:
+                raise _Invalid(value, expected)
+            if text in exact:
+                return text
+            found = lookup.get(text.casefold(), _MISSING)
+            if found is _MISSING:
+                raise _Invalid(value, expected)
+            return found
+
+        return convert
+
+    numbers = frozenset(kind.choices)
+
+    def convert_number(value: Any) -> Any:
+        number = _as_int(value)
+        if number is not _MISSING and number in numbers:
+            return number
+        if isinstance(value, str):
+            found = lookup.get(value.strip().casefold(), _MISSING)
+            if found is not _MISSING:
+                return found
+        raise _Invalid(value, expected)
+
+    return convert_number
+
+
+def _list_converter(kind: _Type) -> _Converter:
+    assert kind.item is not None
+    convert_item = _converter(kind.item)
+    expected = kind.describe()
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, list):
+            result = []
+            for position, element in enumerate(value):
+                try:
+                    result.append(convert_item(element))
+                except _Invalid as exc:
+                    exc.path = f" element {position}{exc.path}"
+                    raise
+            return result
+        if isinstance(value, (str, int, float)):
+            return [convert_item(value)]
+        raise _Invalid(value, expected)
+
+    return convert
+
+
+_CONVERTER_BUILDERS: dict[str, Callable[[_Type], _Converter]] = {
+    "str": _str_converter,
+    "int": _int_converter,
+    "float": _float_converter,
+    "bool": _bool_converter,
+    "date": _date_converter,
+    "datetime": _datetime_converter,
+    "choice": _choice_converter,
+    "list": _list_converter,
+}
 
 
 def _show(value: Any) -> str:
@@ -787,13 +1108,14 @@ def output_dtypes(fields: Any) -> dict[str, Any]:
 
     Parameters
     ----------
-    fields : tuple of Field, or anything :func:`normalize_fields` accepts
+    fields : Fields, or anything :func:`normalize_fields` accepts
 
     Returns
     -------
     dict
-        Field name -> ``"string"``, ``"Int64"``, ``"Float64"``, ``"boolean"``, ``"object"``
-        (lists), or a :class:`pandas.CategoricalDtype` of the declared choices.
+        Field name -> ``"string"``, ``"Int64"``, ``"Float64"``, ``"boolean"``,
+        ``"datetime64[us]"``, ``"object"`` (lists), or a :class:`pandas.CategoricalDtype` of
+        the declared choices.
 
     Examples
     --------
@@ -802,23 +1124,17 @@ def output_dtypes(fields: Any) -> dict[str, Any]:
     >>> dtypes["n"], list(dtypes["label"].categories)
     ('Int64', ['spam', 'ham'])
     """
-    return {f.name: _dtype(f) for f in normalize_fields(fields)}
-
-
-def _dtype(f: Field) -> Any:
-    if f.dtype == "category":
-        return pd.CategoricalDtype(categories=list(f.choices or ()))
-    return f.dtype
+    return dict(normalize_fields(fields).dtypes)
 
 
 def to_column(values: Sequence[Any], field: Field, index: Any = None) -> pd.Series:
-    """Build one output column from Python values, missing values becoming NA.
+    """Build one output column from parsed values, missing values becoming NA.
 
     Parameters
     ----------
     values : sequence
-        One value per output row, as :func:`parse_items` returns them; ``None``, ``NaN`` and
-        ``pd.NA`` mean missing. Values are coerced again, so raw JSON values work too.
+        One value per output row, as :func:`parse_items` returns them (already checked and
+        coerced: nothing is converted here); ``None``, ``NaN`` and ``pd.NA`` mean missing.
     field : Field
     index : pandas.Index or array-like, optional
         The output rows' index; a ``RangeIndex`` when omitted.
@@ -827,13 +1143,14 @@ def to_column(values: Sequence[Any], field: Field, index: Any = None) -> pd.Seri
     -------
     pandas.Series
         Named after the field, with the field's dtype. Missing values are ``<NA>`` in
-        ``string``/``Int64``/``Float64``/``boolean`` columns, ``NaN`` in categorical ones and
-        ``None`` in list (``object``) columns.
+        ``string``/``Int64``/``Float64``/``boolean`` columns, ``NaT`` in datetime ones,
+        ``NaN`` in categorical ones and ``None`` in list (``object``) columns.
 
     Raises
     ------
     StructuredOutputError
-        If a value cannot be coerced to the field's type.
+        With the :data:`INVALID_VALUE` verdict, naming the field and the first value its
+        column cannot hold, if a value did not come from the parser and does not fit.
 
     Examples
     --------
@@ -841,26 +1158,55 @@ def to_column(values: Sequence[Any], field: Field, index: Any = None) -> pd.Seri
     >>> to_column([1815, None], year).tolist()
     [1815, <NA>]
     """
-    kind, _ = _analyse(field.annotation, field.name)
-    label = f"field {field.name!r}"
-    cleaned = []
-    for value in values:
-        if isinstance(value, np.generic):
-            # numpy scalars (np.int64, np.bool_) are not int/bool subclasses; unwrap them.
-            value = value.item()
-        cleaned.append(None if _is_missing(value) else _coerce(value, kind, label))
-    dtype = _dtype(field)
+    dtype = field.output_dtype
+    try:
+        data = _array(values, field, dtype)
+    except _BUILD_ERRORS as exc:
+        bad = next((v for v in values if value_error(v, field) is not None), _MISSING)
+        shown = _show(bad) if bad is not _MISSING else "a value"
+        raise StructuredOutputError(
+            f"field {field.name!r}: {shown} does not fit its {dtype} column", verdict=INVALID_VALUE
+        ) from exc
+    return pd.Series(data, index=index, name=field.name, dtype=dtype)
+
+
+def value_error(value: Any, field: Field) -> str | None:
+    """Why ``value`` cannot go into ``field``'s output column, or ``None`` when it can.
+
+    The slow, one-value check behind :func:`to_column`'s error and the frame's defence
+    against values that did not come from the parser.
+    """
+    dtype = field.output_dtype
+    try:
+        _array([value], field, dtype)
+    except _BUILD_ERRORS:
+        return f"field {field.name!r}: {_show(value)} does not fit its {dtype} column"
+    return None
+
+
+# What pandas raises when a value does not fit a dtype (OutOfBoundsDatetime is a ValueError).
+_BUILD_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+def _array(values: Sequence[Any], field: Field, dtype: Any) -> Any:
     if field.dtype == "object":
         # An object array filled element-wise keeps each list whole; handing a list of
         # equal-length lists to numpy or pandas would build a 2-D array instead.
-        data: Any = np.empty(len(cleaned), dtype=object)
-        for position, value in enumerate(cleaned):
-            data[position] = value
-    elif field.dtype == "category":
-        data = pd.Categorical(cleaned, dtype=dtype)
-    else:
-        data = pd.array(cleaned, dtype=dtype)
-    return pd.Series(data, index=index, name=field.name, dtype=dtype)
+        data = np.empty(len(values), dtype=object)
+        for position, value in enumerate(values):
+            data[position] = None if _is_missing(value) else value
+        return data
+    if field.dtype == "category":
+        # pandas turns a value outside the categories into NaN without a word: refuse it.
+        allowed = set(field.choices or ())
+        for value in values:
+            if not _is_missing(value) and value not in allowed:
+                raise ValueError(f"{value!r} is not one of the categories")
+        return pd.Categorical(values, dtype=dtype)
+    # An integer beyond 64 bits makes numpy warn on its way to pandas' TypeError: the error
+    # is what we report, the warning would only repeat it on stderr.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return pd.array(values, dtype=dtype)
 
 
 def _is_missing(value: Any) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
@@ -215,3 +217,57 @@ def test_non_string_column_labels_and_a_range_index():
 def test_an_outcome_of_the_wrong_length_is_refused(frame):
     with pytest.raises(ValueError, match="3 outcomes for 4 input rows"):
         generate(frame, [Outcome(["x"])] * 3)
+
+
+# --------------------------------------------------------------------------- defence in depth
+# The parser refuses what a column cannot hold; these values did not come from it (a cache
+# entry from an older parser, a hand-built outcome). None may cost the frame.
+
+
+def test_a_value_its_column_cannot_hold_fails_its_row_not_the_frame(frame):
+    fields = normalize_fields({"year": int, "kind": Literal["a", "b"]})
+    outcome = [
+        Outcome([{"year": 1, "kind": "a"}]),
+        Outcome([{"year": 2, "kind": "b"}, {"year": 12345678901234567890, "kind": "a"}]),
+        Outcome([{"year": 3, "kind": "z"}]),
+        Outcome([{"year": 4, "kind": "b"}]),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, errors = explode(frame, outcome, fields, scalar=False, with_errors=False)
+    # One output row per input row: the bad rows keep one NA row with their error.
+    assert out.index.tolist() == ["a", "b", "c", "d"]
+    assert out["year"].dtype == "Int64"
+    assert out["year"].tolist() == [1, NA, NA, 4]
+    assert out["kind"].tolist()[::3] == ["a", "b"]
+    assert out["kind"].isna().tolist() == [False, True, True, False]
+    # The error column appears even though no row had failed before.
+    assert out[ERROR_COLUMN].isna().tolist() == [True, False, False, True]
+    assert errors.index.tolist() == ["b", "c"]
+    assert errors["b"] == "field 'year': 12345678901234567890 does not fit its Int64 column"
+    assert errors["c"] == "field 'kind': 'z' does not fit its category column"
+
+
+def test_failed_rows_and_unfit_rows_are_reported_together(frame):
+    fields = normalize_fields({"day": dt.date})
+    outcome = [
+        Outcome([{"day": dt.date(2024, 1, 2)}]),
+        Outcome(None, "HTTP 400: too long"),
+        Outcome([{"day": "not a date"}]),
+        None,
+    ]
+    out, errors = explode(frame, outcome, fields, scalar=False, with_errors=True)
+    assert out["day"].dtype == "datetime64[us]"
+    assert out["day"].tolist()[0] == pd.Timestamp("2024-01-02")
+    assert out[ERROR_COLUMN].tolist()[:2] == [NA, "HTTP 400: too long"]
+    assert errors.index.tolist() == ["b", "c"]
+    assert "'not a date' does not fit its datetime64[us] column" in errors["c"]
+
+
+def test_an_extract_answer_that_is_not_an_object_fails_its_row(frame):
+    fields = normalize_fields(["name"])
+    outcome = [Outcome([{"name": "x"}]), Outcome(["just text"]), Outcome([]), None]
+    out, errors = explode(frame, outcome, fields, scalar=False, with_errors=False)
+    assert out["name"].tolist() == ["x", NA, NA, NA]
+    assert errors.index.tolist() == ["b"]
+    assert "not an object" in errors["b"] and "just text" in errors["b"]

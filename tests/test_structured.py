@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import json
 import pickle
 import subprocess
 import sys
+import warnings
 from typing import Annotated, Any, List, Literal, Optional, Union  # noqa: UP035
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from parrot_pandas import _structured
 from parrot_pandas._structured import (
+    INVALID_VALUE,
     Field,
+    Fields,
     dedupe_items,
     items_schema,
     normalize_fields,
@@ -22,8 +27,9 @@ from parrot_pandas._structured import (
     parse_items,
     schema_instructions,
     to_column,
+    value_error,
 )
-from parrot_pandas.errors import ConfigurationError, StructuredOutputError
+from parrot_pandas.errors import ConfigurationError, StructuredOutputError, Verdict
 
 
 class Color(enum.Enum):
@@ -98,6 +104,22 @@ class Empty(enum.Enum):
             ("a",),
         ),
         (Annotated[int, "meta"], {"type": "integer"}, "Int64", False, None),
+        (dt.date, {"type": "string", "format": "date"}, "datetime64[us]", False, None),
+        (dt.datetime, {"type": "string", "format": "date-time"}, "datetime64[us]", False, None),
+        (
+            dt.date | None,
+            {"type": ["string", "null"], "format": "date"},
+            "datetime64[us]",
+            True,
+            None,
+        ),
+        (
+            list[dt.date],
+            {"type": "array", "items": {"type": "string", "format": "date"}},
+            "object",
+            False,
+            None,
+        ),
     ],
 )
 def test_normalize_fields_types(annotation, schema, dtype, nullable, choices):
@@ -551,6 +573,24 @@ def test_dedupe_items(items, expected):
     ]
 
 
+def test_fields_dedupe_parsed_objects_like_dedupe_items():
+    fields = normalize_fields({"name": str, "year": int | None, "tags": list[str]})
+    samples = [
+        '[{"name": "a", "year": 1, "tags": ["x", "y"]}, {"name": "a", "year": null, "tags": []}]',
+        '[{"tags": ["x", "y"], "year": "1", "name": "a"}, {"name": "a", "year": 1, "tags": ["y"]}]',
+        '[{"name": "a", "year": null, "tags": []}]',
+    ]
+    items = [item for text in samples for item in fields.parse(text)]
+    assert fields.dedupe(items) == dedupe_items(items)
+    assert fields.dedupe(items) == [
+        {"name": "a", "year": 1, "tags": ["x", "y"]},
+        {"name": "a", "year": None, "tags": []},
+        {"name": "a", "year": 1, "tags": ["y"]},
+    ]
+    assert fields.dedupe(items)[0] is items[0]
+    assert fields.dedupe([]) == []
+
+
 def test_dedupe_keeps_first_object_identity():
     first, second = {"a": [1]}, {"a": [1]}
     (kept,) = dedupe_items([first, second])
@@ -616,14 +656,36 @@ def test_to_column_all_missing_and_empty(annotation):
     assert isinstance(empty.index, pd.RangeIndex)
 
 
-def test_to_column_coerces_raw_and_numpy_values():
+def test_to_column_builds_from_parsed_values_without_converting_them():
     fields = normalize_fields({"i": int, "b": bool, "c": Color, "t": list[int]})
-    assert to_column(["3", np.int64(4)], fields[0]).tolist() == [3, 4]
-    assert to_column([np.bool_(True), "no"], fields[1]).tolist() == [True, False]
-    assert to_column(["RED"], fields[2]).tolist() == ["red"]
-    assert to_column([["1"], "2"], fields[3]).tolist() == [[1], [2]]
-    with pytest.raises(StructuredOutputError, match="field 'i': expected int"):
-        to_column(["x"], fields[0])
+    # numpy scalars are what pandas stores anyway: they go in as they are.
+    assert to_column([np.int64(3), 4], fields[0]).tolist() == [3, 4]
+    assert to_column([np.bool_(True), False], fields[1]).tolist() == [True, False]
+    assert to_column(["red"], fields[2]).tolist() == ["red"]
+    assert to_column([[1], [2, 3]], fields[3]).tolist() == [[1], [2, 3]]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "values", "fragment"),
+    [
+        (int, [1, 2**63], "field 'x': 9223372036854775808 does not fit its Int64 column"),
+        (int, [1.5], "field 'x': 1.5 does not fit its Int64 column"),
+        (bool, [True, "no"], "field 'x': 'no' does not fit its boolean column"),
+        (Color, ["red", "RED"], "field 'x': 'RED' does not fit its category column"),
+        (Literal[1, 2], [3], "field 'x': 3 does not fit its category column"),
+        (dt.date, [dt.date(2024, 1, 1), "soon"], "'soon' does not fit its datetime64[us] column"),
+    ],
+)
+def test_to_column_refuses_a_value_its_column_cannot_hold(annotation, values, fragment):
+    # Raw, unparsed values are no longer coerced a second time: one that does not fit is a
+    # row error naming the field and the value, never a bare pandas exception.
+    (f,) = normalize_fields({"x": annotation})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never silently NaN (pandas warns for categories)
+        with pytest.raises(StructuredOutputError) as info:
+            to_column(values, f)
+    assert fragment in str(info.value)
+    assert info.value.verdict == INVALID_VALUE
 
 
 def test_to_column_round_trips_through_a_frame():
@@ -638,3 +700,294 @@ def test_to_column_round_trips_through_a_frame():
     assert frame.dtypes.astype(str).tolist() == ["string", "Int64", "object"]
     assert frame.loc["r1", "year"].tolist() == [1815, pd.NA]
     assert frame["tags"].tolist() == [["math"], []]
+
+
+# --------------------------------------------------------------------------- compiled once
+
+
+def test_normalize_fields_compiles_once_and_returns_compiled_fields_unchanged():
+    fields = normalize_fields({"name": str, "year": int})
+    assert isinstance(fields, Fields) and isinstance(fields, tuple)
+    assert normalize_fields(fields) is fields
+    assert fields.schema is fields.schema  # built once, then shared
+    assert fields.schema == items_schema(fields)
+    assert items_schema(fields) is not fields.schema  # the public function gives a copy
+    assert fields.instructions == schema_instructions(fields)
+    assert fields.dtypes == output_dtypes(fields)
+
+
+def test_parsing_answers_never_analyses_the_types_again(monkeypatch):
+    calls = {"analyse": 0, "converter": 0}
+    analyse, converter = _structured._analyse, _structured._converter
+
+    def counted_analyse(*args):
+        calls["analyse"] += 1
+        return analyse(*args)
+
+    def counted_converter(*args):
+        calls["converter"] += 1
+        return converter(*args)
+
+    monkeypatch.setattr(_structured, "_analyse", counted_analyse)
+    monkeypatch.setattr(_structured, "_converter", counted_converter)
+    fields = normalize_fields({"name": str, "year": int | None, "tags": list[Color]})
+    compiled = dict(calls)
+    assert compiled["analyse"] >= 3 and compiled["converter"] == 0
+    for year in range(200):
+        answer = json.dumps({"items": [{"name": "Ada", "year": year, "tags": ["red"]}]})
+        assert fields.parse(answer)[0]["year"] == year
+        assert parse_items(answer, fields)[0]["year"] == year
+    # The parser was built once (3 fields, one list element), the types never analysed again.
+    assert calls == {"analyse": compiled["analyse"], "converter": 4}
+
+
+def test_fields_pickle_without_their_compiled_parser():
+    fields = normalize_fields({"name": str, "color": Color, "when": dt.date})
+    fields.parse('{"name": "a", "color": "red", "when": "2024-01-02"}')  # compile it
+    clone = pickle.loads(pickle.dumps(fields))
+    assert isinstance(clone, Fields) and clone == fields
+    assert "_parser" not in vars(clone)
+    assert clone.parse('{"name": "a", "color": "RED", "when": "2024-01-02"}') == [
+        {"name": "a", "color": "red", "when": dt.date(2024, 1, 2)}
+    ]
+
+
+def test_a_field_built_by_hand_still_knows_its_type():
+    f = Field("x", int, {"type": "integer"}, "Int64")
+    assert Fields([f]).parse('{"x": "7"}') == [{"x": 7}]
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _error(annotation: Any, raw: Any) -> StructuredOutputError:
+    with pytest.raises(StructuredOutputError) as info:
+        parse_items(json.dumps({"items": [{"x": raw}]}), {"x": annotation})
+    return info.value
+
+
+def test_a_broken_answer_may_be_asked_again():
+    for text in ("nope", '{"items": "x"}', '[{"y": 1}]'):
+        with pytest.raises(StructuredOutputError) as info:
+            parse_items(text, {"x": int})
+        assert info.value.verdict == Verdict("row", True, "invalid_answer")
+    # A value of the wrong JSON type breaks the schema: a strict server would not send it.
+    assert _error(int, "nineteen-ten").verdict.retry is True
+    assert _error(Color, "blue").verdict.retry is True
+    assert _error(dt.date, 20240102).verdict.retry is True
+
+
+def test_a_value_its_column_cannot_hold_fails_the_row_without_retry():
+    error = _error(int, 12345678901234567890)
+    assert error.verdict == INVALID_VALUE == Verdict("row", False, "invalid_value")
+    assert error.retryable is False
+    assert str(error) == (
+        "field 'x': 12345678901234567890 does not fit int: an Int64 column holds "
+        "-9223372036854775808 to 9223372036854775807"
+    )
+    # The verdict survives pickling (Dask workers send errors back).
+    assert pickle.loads(pickle.dumps(error)).verdict == INVALID_VALUE
+
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (INT64_MAX, INT64_MAX),
+        (INT64_MIN, INT64_MIN),
+        (str(INT64_MAX), INT64_MAX),
+        (f" {INT64_MIN} ", INT64_MIN),
+        (9.2e18, 9200000000000000000),
+        (-9.2e18, -9200000000000000000),
+    ],
+)
+def test_int64_boundaries_fit(raw, expected):
+    (item,) = parse_items(json.dumps([{"x": raw}]), {"x": int})
+    assert item["x"] == expected
+    assert to_column([item["x"]], normalize_fields({"x": int})[0]).tolist() == [expected]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        str(INT64_MAX + 1),
+        str(INT64_MIN - 1),
+        "12345678901234567890",
+        f'"{INT64_MAX + 1}"',
+        "1e19",
+        "-1e19",
+        "1e400",
+        '"1e400"',
+        "9" * 400,
+    ],
+)
+def test_int64_boundaries_do_not_fit(text):
+    with pytest.raises(StructuredOutputError) as info:
+        parse_items('[{"x": ' + text + "}]", {"x": int})
+    assert info.value.verdict == INVALID_VALUE
+    assert str(info.value).startswith("field 'x': ")
+    assert "does not fit int: an Int64 column holds" in str(info.value)
+    assert len(str(info.value)) < 200  # the value is shortened
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", str(10**400), '"1e999"'])
+def test_numbers_beyond_a_float_do_not_fit(text):
+    with pytest.raises(StructuredOutputError) as info:
+        parse_items('[{"x": ' + text + "}]", {"x": float})
+    assert info.value.verdict == INVALID_VALUE
+    assert "does not fit float: a Float64 column holds finite numbers" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["NaN", '"nan"', '"-Infinity"', '"inf"'])
+def test_not_a_number_stays_a_broken_answer(text):
+    for annotation in (int, float):
+        with pytest.raises(StructuredOutputError) as info:
+            parse_items('[{"x": ' + text + "}]", {"x": annotation})
+        assert info.value.verdict.retry is True
+
+
+# --------------------------------------------------------------------------- dates
+
+
+@pytest.mark.parametrize(
+    ("annotation", "raw", "expected"),
+    [
+        (dt.date, "2024-05-31", dt.date(2024, 5, 31)),
+        (dt.date, " 0001-01-01 ", dt.date(1, 1, 1)),
+        (dt.date, "9999-12-31", dt.date(9999, 12, 31)),
+        (dt.date, "2024-05-31T23:30:00-05:00", dt.date(2024, 5, 31)),  # the date as written
+        (dt.date, "2024-02-29", dt.date(2024, 2, 29)),
+        (dt.datetime, "2024-05-31T14:30:00", dt.datetime(2024, 5, 31, 14, 30)),
+        (dt.datetime, "2024-05-31 14:30", dt.datetime(2024, 5, 31, 14, 30)),
+        (dt.datetime, "2024-05-31", dt.datetime(2024, 5, 31)),
+        (dt.datetime, "2024-05-31T14:30:00.25Z", dt.datetime(2024, 5, 31, 14, 30, 0, 250000)),
+        (dt.datetime, "2024-05-31T14:30:00+02:00", dt.datetime(2024, 5, 31, 12, 30)),
+        (dt.datetime, "2024-01-01T01:00:00+05:00", dt.datetime(2023, 12, 31, 20, 0)),
+        (dt.datetime, "9999-12-31T23:59:59.999999", dt.datetime(9999, 12, 31, 23, 59, 59, 999999)),
+        (list[dt.date], ["2024-01-02", "2025-03-04"], [dt.date(2024, 1, 2), dt.date(2025, 3, 4)]),
+        (list[dt.date], "2024-01-02", [dt.date(2024, 1, 2)]),
+        (Optional[dt.datetime], None, None),  # noqa: UP045
+    ],
+)
+def test_dates_are_parsed(annotation, raw, expected):
+    (item,) = parse_items(json.dumps([{"x": raw}]), {"x": annotation})
+    assert item["x"] == expected
+    assert type(item["x"]) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "raw", "reason"),
+    [
+        (dt.date, "next Tuesday", "not an ISO 8601 date"),
+        (dt.date, "31/05/2024", "not an ISO 8601 date"),
+        (dt.date, "2024-02-30", "no such date (day is out of range for month)"),
+        (dt.date, "2023-02-29", "no such date"),
+        (dt.date, "2024-13-01", "no such date (month must be in 1..12)"),
+        (dt.datetime, "2024-05-31T25:00:00", "no such date"),
+        (dt.datetime, "", "not an ISO 8601 date"),
+        (dt.datetime, "yesterday at noon", "not an ISO 8601 date"),
+    ],
+)
+def test_a_date_that_does_not_parse_is_a_value_error(annotation, raw, reason):
+    error = _error(annotation, raw)
+    assert error.verdict == INVALID_VALUE
+    message = str(error)
+    assert message.startswith(f"field 'x': {json.dumps(raw)[1:-1]!r} does not fit ")
+    assert reason in message
+    assert ("date (YYYY-MM-DD)" if annotation is dt.date else "datetime (ISO 8601)") in message
+
+
+def test_a_bad_date_inside_a_list_names_its_element():
+    error = _error(list[dt.date], ["2024-01-01", "2024-99-01"])
+    assert str(error).startswith("field 'x' element 1: '2024-99-01' does not fit date")
+    assert error.verdict == INVALID_VALUE
+
+
+def test_a_value_that_breaks_the_schema_inside_a_list_names_its_element():
+    error = _error(list[int], [1, 2, 2**70])
+    assert str(error).startswith("field 'x' element 2: 1180591620717411303424 does not fit int")
+    assert error.verdict == INVALID_VALUE
+    error = _error(list[Level], [1, "medium"])
+    assert str(error) == "field 'x' element 1: expected one of 1, 2, got 'medium'"
+    assert error.verdict.retry is True
+
+
+def test_date_columns_are_datetime64():
+    fields = normalize_fields({"day": dt.date, "at": dt.datetime | None})
+    items = fields.parse(
+        '[{"day": "2024-05-31", "at": "2024-05-31T10:00:00Z"}, {"day": "0001-01-01", "at": null}]'
+    )
+    day = to_column([i["day"] for i in items], fields[0])
+    at = to_column([i["at"] for i in items], fields[1])
+    assert day.dtype == at.dtype == "datetime64[us]"
+    assert day.tolist() == [pd.Timestamp("2024-05-31"), pd.Timestamp("0001-01-01")]
+    assert at.tolist()[0] == pd.Timestamp("2024-05-31 10:00") and at.isna().tolist() == [
+        False,
+        True,
+    ]
+
+
+def test_value_error_explains_or_passes():
+    (f,) = normalize_fields({"x": int})
+    assert value_error(5, f) is None
+    assert value_error(None, f) is None
+    assert value_error(2**64, f) == "field 'x': 18446744073709551616 does not fit its Int64 column"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_a_value_that_does_not_fit_fails_its_row_not_the_run(server):
+    # The fake server answers each "key=value" line of the prompt as one object, so this row's
+    # answer holds an integer beyond 64 bits (issue 11: it used to end in OverflowError after
+    # every request was paid for).
+    df = pd.DataFrame(
+        {"t": ["a=1", "a=2", "a=12345678901234567890", "a=4", "a=5"]},
+        index=pd.Index(list("vwxyz"), name="id"),
+    )
+    out = df.llm.extract("${t}", {"a": int}, errors="coerce", base_url=server.url)
+    assert out.index.tolist() == list("vwxyz")
+    assert out["a"].dtype == "Int64"
+    assert out["a"].tolist() == [1, 2, pd.NA, 4, 5]
+    assert out["llm_error"].isna().tolist() == [True, True, False, True, True]
+    message = out.loc["x", "llm_error"]
+    assert "field 'a'" in message and "12345678901234567890" in message and "int" in message
+    assert out.attrs["llm"]["failed_rows"] == 1
+    assert out.attrs["llm"]["strategy"] == "tools"
+
+
+def test_a_date_that_does_not_exist_fails_its_row_and_raises_with_the_rest(server):
+    df = pd.DataFrame({"t": ["d=2024-02-28", "d=2024-02-30", "d=2024-03-01"]})
+    with pytest.raises(Exception) as info:
+        df.llm.extract("${t}", {"d": dt.date}, base_url=server.url)
+    from parrot_pandas import RowsFailedError
+
+    assert isinstance(info.value, RowsFailedError)
+    assert info.value.errors.index.tolist() == [1]
+    assert "no such date" in info.value.errors[1]
+    result = info.value.result
+    assert result["d"].dtype == "datetime64[us]"
+    assert result["d"].tolist()[::2] == [pd.Timestamp("2024-02-28"), pd.Timestamp("2024-03-01")]
+
+
+def test_a_run_analyses_its_types_once_not_once_per_answer(server, monkeypatch):
+    calls = 0
+    analyse = _structured._analyse
+
+    def counted(*args):
+        nonlocal calls
+        calls += 1
+        return analyse(*args)
+
+    monkeypatch.setattr(_structured, "_analyse", counted)
+    counts = []
+    for rows in (2, 40):
+        calls = 0
+        df = pd.DataFrame({"t": [f"name=n{i}, year={i}" for i in range(rows)]})
+        out = df.llm.extract("${t}", {"name": str, "year": int}, base_url=server.url, cache=False)
+        assert out["year"].tolist() == list(range(rows))
+        counts.append(calls)
+    assert counts[0] == counts[1] <= 4
