@@ -165,6 +165,22 @@ def test_partitions_in_one_process_share_one_budget(server_factory):
 # -- SharedBudget and its host, without Dask's scheduler ---------------------------------------
 
 
+class FakeClock:
+    """Time that moves only when the budget sleeps: sleeping is instant, and recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(seconds, 0.0)
+        await asyncio.sleep(0)
+
+
 class FakeHost:
     """Records the calls a SharedBudget makes; answers acquire with fixed limits."""
 
@@ -214,7 +230,14 @@ async def test_pause_goes_at_once_and_reports_flush():
 async def test_unreachable_host_goes_alone_at_its_share():
     lost = []
     limits = _Limits(rpm=None, tpm=None, share=4)
-    budget = SharedBudget(FakeHost(fail=True), limits=limits, on_lost=lambda: lost.append(1))
+    clock = FakeClock()
+    budget = SharedBudget(
+        FakeHost(fail=True),
+        limits=limits,
+        on_lost=lambda: lost.append(1),
+        clock=clock,
+        sleep=clock.sleep,
+    )
     limits.rpm = 1200.0  # as learned from an earlier acquire
     budget.observe(LimitInfo(limit_requests=1200, remaining_requests=100))
     await budget.acquire(0)
@@ -230,22 +253,6 @@ async def test_alone_from_the_start_takes_the_announced_limit_share():
     budget = SharedBudget(None, limits=_Limits(share=2))
     budget.observe(LimitInfo(limit_requests=600))
     assert budget.snapshot()["rpm"] == 300.0
-
-
-class FakeClock:
-    """Time that moves only when the budget sleeps: sleeping is instant, and recorded."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += max(seconds, 0.0)
-        await asyncio.sleep(0)
 
 
 LOCAL = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60)
@@ -281,7 +288,8 @@ def _budget_threads() -> set[threading.Thread]:
 
 async def test_the_host_thread_runs_only_while_a_budget_is_held():
     before = _budget_threads()
-    service = BudgetService()
+    clock = FakeClock()
+    service = BudgetService(clock=clock, sleep=clock.sleep)
     first, second = service.budget(LOCAL), service.budget(LOCAL)
     started = _budget_threads() - before
     assert len(started) == 1 and service.running
