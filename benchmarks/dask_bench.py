@@ -54,7 +54,7 @@ def measure(rows: int, workers: int, partitions: int) -> dict[str, Any]:
             Client(cluster) as client,
             tempfile.TemporaryDirectory() as tmp,
         ):
-            client.run(importlib.import_module, "parrot_pandas.dask_accessor")
+            client.run(importlib.import_module, "parrot_pandas.dask._accessor")
             texts = [f"Row {i}: the quick brown fox jumps over the lazy dog." for i in range(rows)]
             ddf = dd.from_pandas(pd.DataFrame({"text": texts}), npartitions=partitions)
             out = ddf.llm.generate(

@@ -1,6 +1,7 @@
 """parrot_pandas: run an LLM over every row of a DataFrame, in parallel, at your rate limit.
 
-Importing the package registers the ``DataFrame.llm`` accessor::
+Importing the package registers the ``DataFrame.llm`` accessor (and ``ddf.llm`` on Dask,
+once ``dask.dataframe`` is imported)::
 
     import parrot_pandas
     out = df.llm.generate("Summarize: ${text}", output="summary", model="gpt-4o-mini")
@@ -12,6 +13,7 @@ from ._cache import cache_info, clear_cache
 from ._pricing import Price, price_of, set_price
 from ._tokens import count_tokens
 from .accessor import LLMAccessor
+from .dask import _hook as _dask_hook
 from .errors import (
     APIConnectionError,
     APIError,
@@ -42,9 +44,6 @@ __all__ = [
     "set_price",
 ]
 
-try:
-    import dask.dataframe as _dask_dataframe  # noqa: F401
-except ImportError:  # Dask is optional: pip install "parrot_pandas[dask]"
-    pass
-else:
-    from . import dask_accessor as _dask_accessor  # noqa: F401  (registers ddf.llm on Dask)
+# ddf.llm on Dask (the parrot_pandas[dask] extra): registered as soon as dask.dataframe is
+# imported, before or after this line. Importing it here would cost about a second.
+_dask_hook.install()

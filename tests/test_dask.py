@@ -7,13 +7,18 @@ import concurrent.futures
 import importlib
 import json
 import os
+import pickle
 import select
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -22,13 +27,22 @@ import pytest
 dd = pytest.importorskip("dask.dataframe")
 distributed = pytest.importorskip("dask.distributed")
 
-import parrot_pandas.dask_accessor as pdask  # noqa: E402  (after the skips: it imports dask)
+import parrot_pandas  # noqa: E402
 from parrot_pandas import ConfigurationError, RowsFailedError  # noqa: E402
 from parrot_pandas._config import RunConfig  # noqa: E402
 from parrot_pandas._limits import LimitInfo  # noqa: E402
 from parrot_pandas._structured import output_dtypes  # noqa: E402
+from parrot_pandas.dask import _accessor, _hook  # noqa: E402  (after the skips)
+from parrot_pandas.dask._budget import (  # noqa: E402
+    BudgetHost,
+    BudgetService,
+    SharedBudget,
+    _Limits,
+    budget_name,
+)
 
 NOWHERE = "http://127.0.0.1:9/v1"  # never contacted: nothing is computed
+PACKAGE_ROOT = str(Path(parrot_pandas.__file__).resolve().parents[1])
 
 FIELDS = {"name": str, "year": int, "score": float, "ok": bool, "kind": Literal["a", "b"]}
 
@@ -151,6 +165,22 @@ def test_partitions_in_one_process_share_one_budget(server_factory):
 # -- SharedBudget and its host, without Dask's scheduler ---------------------------------------
 
 
+class FakeClock:
+    """Time that moves only when the budget sleeps: sleeping is instant, and recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(seconds, 0.0)
+        await asyncio.sleep(0)
+
+
 class FakeHost:
     """Records the calls a SharedBudget makes; answers acquire with fixed limits."""
 
@@ -171,7 +201,7 @@ class FakeHost:
 
 async def test_reports_ride_on_the_next_acquire():
     host = FakeHost()
-    budget = pdask.SharedBudget(host)
+    budget = SharedBudget(host)
     info = LimitInfo(limit_requests=1200, remaining_requests=7)
     budget.observe(info)
     budget.settle(100, 80)
@@ -183,10 +213,9 @@ async def test_reports_ride_on_the_next_acquire():
     assert budget.snapshot()["rpm"] == 1200.0
 
 
-async def test_pause_goes_at_once_and_reports_flush(monkeypatch):
-    monkeypatch.setattr(pdask, "_REPORT_DELAY", 0.0)
+async def test_pause_goes_at_once_and_reports_flush():
     host = FakeHost()
-    budget = pdask.SharedBudget(host)
+    budget = SharedBudget(host, report_delay=0.0)
     budget.settle(10, 20)
     budget.pause(2.5)
     assert host.calls == [("pause", 2.5, [("settle", 10, 20)])]
@@ -200,8 +229,15 @@ async def test_pause_goes_at_once_and_reports_flush(monkeypatch):
 
 async def test_unreachable_host_goes_alone_at_its_share():
     lost = []
-    limits = pdask._Limits(rpm=None, tpm=None, share=4)
-    budget = pdask.SharedBudget(FakeHost(fail=True), limits=limits, on_lost=lambda: lost.append(1))
+    limits = _Limits(rpm=None, tpm=None, share=4)
+    clock = FakeClock()
+    budget = SharedBudget(
+        FakeHost(fail=True),
+        limits=limits,
+        on_lost=lambda: lost.append(1),
+        clock=clock,
+        sleep=clock.sleep,
+    )
     limits.rpm = 1200.0  # as learned from an earlier acquire
     budget.observe(LimitInfo(limit_requests=1200, remaining_requests=100))
     await budget.acquire(0)
@@ -214,26 +250,94 @@ async def test_unreachable_host_goes_alone_at_its_share():
 
 
 async def test_alone_from_the_start_takes_the_announced_limit_share():
-    budget = pdask.SharedBudget(None, limits=pdask._Limits(share=2))
+    budget = SharedBudget(None, limits=_Limits(share=2))
     budget.observe(LimitInfo(limit_requests=600))
     assert budget.snapshot()["rpm"] == 300.0
 
 
-async def test_local_partitions_share_one_host():
-    config = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60)
-    first, second = pdask.shared_budget(config), pdask.shared_budget(config)
-    await first.acquire(0)  # the bucket holds one request a second
-    first.pause(30.0)
-    started = time.monotonic()
-    other = asyncio.ensure_future(second.acquire(0))
-    await asyncio.sleep(0.2)
-    assert not other.done()  # the pause from one partition holds the other
-    other.cancel()
-    assert time.monotonic() - started < 5
+LOCAL = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60)
+
+
+async def test_local_partitions_share_one_bucket():
+    clock = FakeClock()
+    with BudgetService(clock=clock, sleep=clock.sleep) as service:
+        first, second = service.budget(LOCAL), service.budget(LOCAL)
+        await first.acquire(0)  # the bucket holds one request a second: the first takes it
+        await second.acquire(0)  # so the other partition waits for the refill
+        assert clock.now == pytest.approx(60 / (60 * 0.98))
+        other = BudgetService(clock=clock, sleep=clock.sleep)
+        await other.budget(LOCAL).acquire(0)  # another service, another bucket: no wait
+        assert clock.now == pytest.approx(60 / (60 * 0.98))
+        other.close()
+
+
+async def test_a_pause_from_one_partition_holds_the_others():
+    clock = FakeClock()
+    with BudgetService(clock=clock, sleep=clock.sleep) as service:
+        first, second = service.budget(LOCAL), service.budget(LOCAL)
+        await first.acquire(0)
+        first.pause(30.0)  # sent at once, so it reaches the host before the next acquire
+        await second.acquire(0)
+        assert clock.now >= 30.0
+        assert max(clock.slept) >= 30.0
+
+
+def _budget_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "parrot_pandas-budget"}
+
+
+async def test_the_host_thread_runs_only_while_a_budget_is_held():
+    before = _budget_threads()
+    clock = FakeClock()
+    service = BudgetService(clock=clock, sleep=clock.sleep)
+    first, second = service.budget(LOCAL), service.budget(LOCAL)
+    started = _budget_threads() - before
+    assert len(started) == 1 and service.running
+    await first.acquire(0)
+    first.observe(LimitInfo(limit_requests=600))  # batched: rides on close's flush
+    first.close()
+    first.close()  # idempotent: the other lease is still held
+    assert service.running
+    second.close()
+    assert not service.running
+    assert not any(t.is_alive() for t in started)
+    # The budget outlives its thread: the report sent while closing arrived before it stopped.
+    third = service.budget(LOCAL)
+    await third.acquire(0)
+    assert third.snapshot()["rpm"] == 60.0  # the user's 60 is below the announced 600
+    assert len(service) == 1
+    service.close()
+    assert not _budget_threads() - before
+
+
+async def test_closing_the_service_leaves_a_waiting_partition_going_alone(caplog):
+    config = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60_000)
+    service = BudgetService()
+    first, second = service.budget(config), service.budget(config)
+    await first.acquire(0)
+    first.pause(3600.0)  # the host holds every acquire for an hour
+    waiting = asyncio.ensure_future(second.acquire(0))
+    await asyncio.sleep(0)  # the acquire is sent to the host
+    service.close()
+    await asyncio.wait_for(waiting, 5)  # goes alone at once: no hang on a stopped host
+    assert "alone at 1/1" in repr(second)
+    assert "goes on alone" in caplog.text
+    await asyncio.wait_for(first.acquire(0), 5)
+    with pytest.raises(RuntimeError, match="closed"):
+        service.budget(config)
+
+
+def test_the_service_remembers_a_bounded_number_of_keys():
+    with BudgetService(max_budgets=2) as service:
+        for port in (1, 2, 3):
+            config = RunConfig.from_options(base_url=f"http://127.0.0.1:{port}/v1")
+            service.budget(config).close()
+        assert len(service) == 2
+    assert len(service) == 0 and service.closed
 
 
 async def test_host_applies_reports_before_acquiring():
-    host = pdask._BudgetHost(rpm=None, tpm=None)
+    host = BudgetHost(rpm=None, tpm=None)
     limits = await host.acquire(0, [("observe", LimitInfo(limit_requests=600))])
     assert limits == (600.0, None)
     await host.pause(1.0, [])
@@ -242,7 +346,7 @@ async def test_host_applies_reports_before_acquiring():
 
 def test_budget_name_hides_the_key_and_separates_servers():
     def name(**options: Any) -> str:
-        return pdask.budget_name(RunConfig.from_options(**options))
+        return budget_name(RunConfig.from_options(**options))
 
     base = {"base_url": "http://127.0.0.1:8000/v1", "api_key": "sk-abc"}
     assert "sk-abc" not in name(**base)
@@ -250,6 +354,122 @@ def test_budget_name_hides_the_key_and_separates_servers():
     assert name(**base) != name(**{**base, "api_key": "sk-other"})
     assert name(**base) != name(**{**base, "base_url": "http://127.0.0.1:8001/v1"})
     assert name(**base) != name(**base, rpm=100)
+
+
+# -- registration without importing Dask, and graphs that travel --------------------------------
+
+
+def _python(code: str, **env: str) -> str:
+    """Run `code` in a fresh interpreter that finds this checkout; its stdout."""
+    environ = {**os.environ, "PYTHONPATH": PACKAGE_ROOT, **env}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=120, env=environ,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dask_first", [False, True])
+def test_import_leaves_dask_alone_and_ddf_llm_still_appears(dask_first):
+    out = _python(f"""
+        import sys
+        if {dask_first}:
+            import dask.dataframe
+        import parrot_pandas
+        print("dask.dataframe" in sys.modules)
+        import dask.dataframe as dd
+        import pandas as pd
+
+        ddf = dd.from_pandas(pd.DataFrame({{"text": ["a"]}}), npartitions=1)
+        print(type(ddf.llm).__name__)
+        print(sum(type(f).__name__ == "PostImportHook" for f in sys.meta_path))
+        print(type(dd.__spec__.loader).__name__)
+    """)
+    loaded, accessor, hooks, loader = out.split()
+    assert loaded == str(dask_first)  # never imported by parrot_pandas itself
+    assert accessor == "DaskLLMAccessor"
+    assert hooks == "0"  # the hook took itself off sys.meta_path
+    assert loader == "SourceFileLoader"  # and left the module's own loader in place
+
+
+@pytest.fixture
+def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = "parrot_hook_probe"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / name / "sub.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    for module in (name, f"{name}.sub"):
+        sys.modules.pop(module, None)
+
+
+def test_post_import_hook_fires_once_after_the_module_ran(fake_package):
+    seen: list[Any] = []
+    hook = _hook.PostImportHook(f"{fake_package}.sub", lambda m: seen.append(m.VALUE))
+    sys.meta_path.insert(0, hook)
+    try:
+        importlib.import_module(fake_package)
+        assert seen == [] and hook in sys.meta_path  # the package is not the module
+        module = importlib.import_module(f"{fake_package}.sub")
+        assert seen == [42]
+        assert hook not in sys.meta_path
+        assert type(module.__loader__).__name__ == "SourceFileLoader"
+        importlib.reload(module)
+        assert seen == [42]
+    finally:
+        hook.remove()
+
+
+def test_a_failing_callback_is_a_warning_not_a_failed_import(fake_package):
+    def fail(module: Any) -> None:
+        raise ValueError("no accessor today")
+
+    hook = _hook.PostImportHook(f"{fake_package}.sub", fail)
+    sys.meta_path.insert(0, hook)
+    try:
+        with pytest.warns(RuntimeWarning, match="no accessor today"):
+            module = importlib.import_module(f"{fake_package}.sub")
+        assert module.VALUE == 42
+    finally:
+        hook.remove()
+
+
+def test_install_registers_at_once_when_dask_is_imported():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _hook.install() is None  # dask.dataframe is imported here: nothing to wait for
+    assert not any(isinstance(f, _hook.PostImportHook) for f in sys.meta_path)
+
+
+@pytest.mark.slow
+def test_a_pickled_graph_runs_in_a_fresh_process(server):
+    # What a fresh worker does: unpickle the tasks (functions found by module path, which
+    # imports parrot_pandas and registers nothing by hand) and run them.
+    import cloudpickle
+
+    ddf = dd.from_pandas(_rows(6), npartitions=2)
+    out = ddf.llm.generate("${text}", output="answer", base_url=server.url, cache=False)
+    payload = cloudpickle.dumps((dict(out.__dask_graph__()), out.__dask_keys__()))
+    assert b"parrot_pandas.dask._accessor" in payload
+    code = """
+        import pickle, sys
+        import dask
+
+        graph, keys = pickle.load(sys.stdin.buffer)
+        parts = dask.get(graph, keys)
+        print(sum(len(p) for p in parts), all((p["answer"] == "echo: " + p["text"]).all()
+                                                for p in parts))
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], input=payload, capture_output=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": PACKAGE_ROOT},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["6", "True"]
+    assert pickle.loads(pickle.dumps(_accessor.llm_generate)) is _accessor.llm_generate
 
 
 # -- a real cluster: four worker processes, one key ---------------------------------------------
@@ -292,7 +512,7 @@ def cluster_client() -> Iterator[Any]:
         # Fresh worker processes import pandas, dask.dataframe and parrot_pandas when the first
         # task arrives (seconds on a busy machine): a one-time cost of the cluster, not of the
         # run being timed.
-        client.run(importlib.import_module, "parrot_pandas.dask_accessor")
+        client.run(importlib.import_module, "parrot_pandas.dask._accessor")
         yield client
 
 
@@ -339,7 +559,7 @@ def test_a_dying_worker_loses_no_rows(cluster_client, limited_server, tmp_path, 
         "${text}", output="answer", base_url=limited_server, api_key="test-key",
         cache=str(tmp_path / "cache.sqlite3"),
     )  # fmt: skip
-    name = pdask.budget_name(RunConfig.from_options(base_url=limited_server, api_key="test-key"))
+    name = budget_name(RunConfig.from_options(base_url=limited_server, api_key="test-key"))
     future = client.compute(out)
     deadline = time.monotonic() + 30
     holders: list[str] = []
