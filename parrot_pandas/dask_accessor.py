@@ -86,8 +86,9 @@ from dask.dataframe.extensions import register_dataframe_accessor
 from ._config import RunConfig
 from ._frame import explode
 from ._limits import LimitInfo, RateBudget
-from ._run import Run, prepare
+from ._run import Run, RunSpec, prepare
 from ._runner import run_sync
+from .accessor import _front_door, _spec
 from .errors import ConfigurationError
 
 __all__ = ["DaskLLMAccessor", "SharedBudget", "budget_name"]
@@ -114,24 +115,16 @@ class DaskLLMAccessor:
     def __init__(self, dask_obj: dd.DataFrame) -> None:
         self._obj = dask_obj
 
-    def generate(
-        self,
-        template: str,
-        *,
-        output: str = "output",
-        model: str | None = None,
-        system: str | None = None,
-        n: int = 1,
-        **options: Any,
-    ) -> dd.DataFrame:
+    @_front_door
+    def generate(self, template: str, *, output: str = "output", **options: Any) -> dd.DataFrame:
         """Generate text for every row, lazily.
 
         Parameters
         ----------
-        template, output, model, system, n, **options
-            As in :meth:`parrot_pandas.LLMAccessor.generate`. ``progress`` defaults to off
-            (one bar per partition on the workers' stderr helps nobody; use Dask's progress
-            tools).
+        template, output
+            As in :meth:`parrot_pandas.LLMAccessor.generate`. ``progress`` (in ``options``)
+            defaults to off (one bar per partition on the workers' stderr helps nobody; use
+            Dask's progress tools), and ``chunksize`` is not taken.
 
         Returns
         -------
@@ -154,23 +147,15 @@ class DaskLLMAccessor:
         >>> out = ddf.llm.generate("Summarize: ${text}", output="summary")  # doctest: +SKIP
         >>> out.to_parquet("summaries/")  # doctest: +SKIP
         """
-        return _lazy(self._obj, template, None, output, model, system, n, options)
+        return _lazy(self._obj, _spec(template, options, output=output))
 
-    def extract(
-        self,
-        template: str,
-        fields: Any,
-        *,
-        model: str | None = None,
-        system: str | None = None,
-        n: int = 1,
-        **options: Any,
-    ) -> dd.DataFrame:
+    @_front_door
+    def extract(self, template: str, fields: Any, **options: Any) -> dd.DataFrame:
         """Extract structured objects from every row, lazily: one output row per object.
 
         Parameters
         ----------
-        template, fields, model, system, n, **options
+        template, fields
             As in :meth:`parrot_pandas.LLMAccessor.extract`.
 
         Returns
@@ -189,7 +174,7 @@ class DaskLLMAccessor:
         >>> qa = ddf.llm.extract("Q/A pairs in: ${text}", ["question", "answer"])  # doctest: +SKIP
         >>> qa.dtypes  # doctest: +SKIP
         """
-        return _lazy(self._obj, template, fields, None, model, system, n, options)
+        return _lazy(self._obj, _spec(template, options, fields=fields))
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,29 +190,20 @@ class _PartitionJob:
     options: dict[str, Any] = field(repr=False)
 
     def run_for(self, frame: pd.DataFrame) -> Run:
-        return prepare(
-            frame, self.template, self.fields, self.output, self.model, self.system, self.n,
-            dict(self.options),
-        )  # fmt: skip
+        return prepare(frame, RunSpec(
+            self.template, output=self.output, fields=self.fields, model=self.model,
+            system=self.system, n=self.n, options=dict(self.options),
+        ))  # fmt: skip
 
 
-def _lazy(
-    ddf: dd.DataFrame,
-    template: str,
-    fields: Any,
-    output: str | None,
-    model: str | None,
-    system: str | None,
-    n: int,
-    options: dict[str, Any],
-) -> dd.DataFrame:
-    if "chunksize" in options:
+def _lazy(ddf: dd.DataFrame, spec: RunSpec) -> dd.DataFrame:
+    if "chunksize" in spec.options:
         raise ConfigurationError(
             "chunksize= is for pandas frames; a Dask DataFrame is already processed partition "
             "by partition (use ddf.repartition(partition_size=...) to change their size)"
         )
-    options = {"progress": False, **options}
-    run = prepare(ddf._meta, template, fields, output, model, system, n, dict(options))
+    options = {"progress": False, **spec.options}
+    run = prepare(ddf._meta, replace(spec, options=dict(options)))
     config = run.config
     # Resolved here, once: every worker then uses the client's model, server and key, whatever
     # its own environment says.
@@ -237,9 +213,11 @@ def _lazy(
         provider=config.provider,
         api_version=config.api_version,
     )
-    job = _PartitionJob(template, fields, output, config.model, system, config.n, options)
+    job = _PartitionJob(
+        spec.template, spec.fields, spec.output, config.model, spec.system, config.n, options
+    )
     # The function's name is what Dask's dashboard shows for the tasks.
-    func = llm_generate if output is not None else llm_extract
+    func = llm_generate if spec.output is not None else llm_extract
     return ddf.map_partitions(func, job, meta=_empty_result(run), enforce_metadata=True)
 
 

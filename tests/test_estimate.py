@@ -12,7 +12,7 @@ import pytest
 from parrot_pandas import _pricing as pricing
 from parrot_pandas._cache import ResponseCache, default_cache_path
 from parrot_pandas._pricing import approximate_tokens
-from parrot_pandas._run import prepare
+from parrot_pandas._run import RunSpec, prepare
 
 COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
 
@@ -124,7 +124,7 @@ def test_an_estimate_creates_no_cache_file(docs, server, tmp_path):
 
 def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
     fields = ["name", "year"]
-    run = prepare(docs, "${text}", fields, None, None, None, 1, {"base_url": server.url})
+    run = prepare(docs, RunSpec("${text}", fields=fields, options={"base_url": server.url}))
     with ResponseCache(default_cache_path()) as cache:
         cache.put(run.plan.key("no facts here"), 0, "not json at all", model="gpt-4o-mini")
         cache.put(run.plan.key("name=Ada, year=1815"), 0, json.dumps({"items": []}), model="m")
@@ -174,7 +174,7 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     assert est["prompt_tokens"] == 3 + (3 + 1 + 2)  # priming; wrapping + role + content
     fields = ["name"]
     extract = estimate_of(one, "${text}", fields=fields, cache=False)
-    run = prepare(one, "${text}", fields, None, None, None, 1, {"api_key": "sk-test"})
+    run = prepare(one, RunSpec("${text}", fields=fields, options={"api_key": "sk-test"}))
     schema_words = len(json.dumps(run.plan.schema).split())
     assert extract["prompt_tokens"] == est["prompt_tokens"] + pricing._TOOL_OVERHEAD + schema_words
 
