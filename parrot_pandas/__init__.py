@@ -4,11 +4,14 @@ Importing the package registers the ``DataFrame.llm`` accessor::
 
     import parrot_pandas
     out = df.llm.generate("Summarize: ${text}", output="summary", model="gpt-4o-mini")
+
+A call that names no ``model`` uses ``$PARROT_PANDAS_MODEL``, else :data:`DEFAULT_MODEL`.
 """
 
 from __future__ import annotations
 
 from ._cache import cache_info, clear_cache
+from ._config import DEFAULT_MODEL
 from ._pricing import Price, count_tokens, price_of, set_price
 from .accessor import LLMAccessor
 from .errors import (
@@ -27,6 +30,7 @@ __all__ = [
     "APIConnectionError",
     "APIError",
     "ConfigurationError",
+    "DEFAULT_MODEL",
     "LLMAccessor",
     "ParrotError",
     "Price",

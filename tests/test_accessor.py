@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+import json
+import pathlib
 import pydoc
 import sys
 import typing
@@ -352,7 +355,7 @@ def test_help_shows_the_shared_parameters():
 def test_signature_defaults_are_the_ones_used(docs, server_factory):
     server = server_factory(honor_n=False)  # one request per sample
     out = docs.iloc[:1].llm.generate("${title}", base_url=server.url)
-    assert out.attrs["llm"]["model"] == "gpt-4o-mini"
+    assert out.attrs["llm"]["model"] == parrot_pandas.DEFAULT_MODEL == "gpt-4o-mini"
     assert server.stats()["requests"] == 1  # n=1
     docs.iloc[:1].llm.generate("${title}", base_url=server.url, n=2, cache=False)
     assert server.stats()["requests"] == 3
@@ -406,3 +409,55 @@ def test_overloads_tell_type_checkers_what_chunksize_returns(name, many):
         int: many,
         int | None: pd.DataFrame | many,
     }
+
+
+# -- public names --------------------------------------------------------------------------
+
+_NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _private_names(source: str) -> list[str]:
+    """The private parrot_pandas names a piece of code imports or reaches for."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("parrot_pandas"):
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("parrot_pandas."):
+            names = [ast.unparse(node)]
+        else:
+            continue
+        found += [
+            name
+            for name in names
+            if name.startswith("parrot_pandas")
+            and any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
+        ]
+    return found
+
+
+def test_notebooks_use_only_public_names():
+    sources = {"_setup.py": (_NOTEBOOKS / "_setup.py").read_text()}
+    for path in sorted(_NOTEBOOKS.glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        # IPython magics and shell escapes are not Python.
+        sources[path.name] = "\n".join(
+            line for cell in code for line in cell.splitlines() if not line.startswith(("%", "!"))
+        )
+    assert len(sources) > 1
+    assert {name: _private_names(text) for name, text in sources.items()} == {
+        name: [] for name in sources
+    }
+    assert _private_names("from parrot_pandas._config import DEFAULT_MODEL") == [
+        "parrot_pandas._config.DEFAULT_MODEL"
+    ]
+
+
+def test_the_public_names_are_importable():
+    assert set(parrot_pandas.__all__) <= set(dir(parrot_pandas))
+    assert not [
+        name for name in parrot_pandas.__all__ if name.startswith("_") and name != "__version__"
+    ]
+    assert "DEFAULT_MODEL" in parrot_pandas.__all__
