@@ -91,7 +91,8 @@ def _front_door(method: _Method) -> _Method:
         raise TypeError(f"{method.__qualname__} must end with **options")
     shared = [keyword.parameter() for keyword in _SHARED]
     method.__signature__ = signature.replace(parameters=[*own, *shared, rest])  # type: ignore[attr-defined]
-    method.__doc__ = _with_shared_docs(method.__doc__ or "", method.__qualname__)
+    if method.__doc__ is not None:  # None under python -OO
+        method.__doc__ = _with_shared_docs(method.__doc__, method.__qualname__)
     return method
 
 

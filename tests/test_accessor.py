@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import os
 import pathlib
 import pydoc
+import subprocess
 import sys
 import typing
 from collections.abc import AsyncIterator, Iterator
@@ -461,3 +463,24 @@ def test_the_public_names_are_importable():
         name for name in parrot_pandas.__all__ if name.startswith("_") and name != "__version__"
     ]
     assert "DEFAULT_MODEL" in parrot_pandas.__all__
+
+
+@pytest.mark.slow
+def test_the_front_door_imports_without_docstrings():
+    # python -OO drops every docstring; the shared keywords still reach the signatures.
+    root = str(pathlib.Path(parrot_pandas.__file__).resolve().parent.parent)
+    code = (
+        "import inspect, parrot_pandas\n"
+        "print(*inspect.signature(parrot_pandas.LLMAccessor.extract).parameters)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-OO", "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "self", "template", "fields", "chunksize", "model", "system", "n", "options"
+    ]  # fmt: skip
