@@ -28,7 +28,9 @@ class Boom(Exception):
 
 
 def _run_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("parrot_pandas-")]
+    """The runner's own threads still alive (other modules name theirs parrot_pandas-* too)."""
+    names = ("parrot_pandas-run", "parrot_pandas-stream")
+    return [t.name for t in threading.enumerate() if t.name in names]
 
 
 class _CtrlC:
