@@ -5,7 +5,7 @@
 1. The server in the environment, when ``OPENAI_API_KEY`` or ``OPENAI_BASE_URL`` is set
    (OpenAI, or any OpenAI-compatible server: vLLM, Ollama, llama.cpp, ...). parrot_pandas
    reads both variables itself, so nothing else changes; ``PARROT_PANDAS_MODEL`` names the
-   model (default ``gpt-4o-mini``).
+   model (default ``parrot_pandas.DEFAULT_MODEL``).
 2. Otherwise a real model on this machine: SmolLM2-135M-Instruct through llama.cpp's
    OpenAI-compatible server (``parrot_pandas.local``; ``scripts/quickstart`` installs it).
 3. If that is not installed, a stand-in, :class:`parrot_pandas.testing.FakeServer`, in a
@@ -25,7 +25,7 @@ import dataclasses
 import os
 import tempfile
 
-from parrot_pandas._config import DEFAULT_MODEL
+import parrot_pandas
 
 __all__ = ["Server", "use_server"]
 
@@ -72,7 +72,7 @@ def use_server(name: str = "notebook") -> Server:
         return _local
     if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
         base_url = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
-        return Server(base_url, os.environ.get("PARROT_PANDAS_MODEL", DEFAULT_MODEL), "environment")
+        return Server(base_url, _model(), "environment")
     _local = _start_local(forced)
     os.environ["OPENAI_BASE_URL"] = _local.base_url
     os.environ["PARROT_PANDAS_MODEL"] = _local.model
@@ -100,5 +100,9 @@ def _start_local(forced: str | None) -> Server:
 
     # Like a real model, the stand-in refuses prompts longer than its context window.
     server = _running = FakeServer(latency=0.05, context_window=128_000).start()
-    model = os.environ.get("PARROT_PANDAS_MODEL", DEFAULT_MODEL)
-    return Server(server.url, model, "stand-in")
+    return Server(server.url, _model(), "stand-in")
+
+
+def _model() -> str:
+    # The rule parrot_pandas documents for a call that names no model.
+    return os.environ.get("PARROT_PANDAS_MODEL", parrot_pandas.DEFAULT_MODEL)

@@ -5,11 +5,14 @@ once ``dask.dataframe`` is imported)::
 
     import parrot_pandas
     out = df.llm.generate("Summarize: ${text}", output="summary", model="gpt-4o-mini")
+
+A call that names no ``model`` uses ``$PARROT_PANDAS_MODEL``, else :data:`DEFAULT_MODEL`.
 """
 
 from __future__ import annotations
 
 from ._cache import cache_info, clear_cache
+from ._config import DEFAULT_MODEL
 from ._pricing import Price, price_of, set_price
 from ._tokens import count_tokens
 from .accessor import LLMAccessor
@@ -30,6 +33,7 @@ __all__ = [
     "APIConnectionError",
     "APIError",
     "ConfigurationError",
+    "DEFAULT_MODEL",
     "LLMAccessor",
     "ParrotError",
     "Price",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -32,13 +32,31 @@ from ._template import PromptTemplate
 from .errors import ConfigurationError, RowsFailedError
 from .providers import provider_for
 
-__all__ = ["Run", "prepare"]
+__all__ = ["Run", "RunSpec", "prepare"]
 
 logger = logging.getLogger("parrot_pandas")
 
 # When streaming, prompts remembered for sharing answers between identical rows; older
 # duplicates are served by the cache instead, so memory stays flat in the number of rows.
 _STREAM_DEDUPE_WINDOW = 100_000
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the caller asked for, not yet checked: the one object a front door hands to prepare.
+
+    ``output`` names ``generate``'s new column; ``None`` means ``extract`` with ``fields``.
+    ``options`` are the request parameters and run settings, as keywords. A spec pickles, so
+    Dask ships it to the workers; ``options`` may hold the API key, so it stays out of the repr.
+    """
+
+    template: str
+    output: str | None = None
+    fields: Any = None
+    model: str | None = None
+    system: str | None = None
+    n: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -224,38 +242,36 @@ class Run:
         return facts
 
 
-def prepare(
-    frame: pd.DataFrame,
-    template: str,
-    fields: Any,
-    output: str | None,
-    model: str | None,
-    system: str | None,
-    n: int,
-    options: dict[str, Any],
-    *,
-    sending: bool = True,
-) -> Run:
+def prepare(frame: pd.DataFrame, spec: RunSpec, *, sending: bool = True) -> Run:
     """Every check that can fail before a request is sent; returns the ready :class:`Run`.
 
-    ``output`` is the column name for ``generate`` (then ``fields`` is ignored); ``None``
-    means ``extract`` with ``fields``. ``sending=False`` (for estimates) needs no API key and
-    allows output names that already are columns, since nothing is sent or built.
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The rows to answer.
+    spec : RunSpec
+        What the caller asked for.
+    sending : bool, default True
+        ``False`` for estimates: no API key is needed, and output names that already are
+        columns are allowed, since nothing is sent or built.
 
     Raises
     ------
     ConfigurationError
         A bad template, option, output name or ``fields``.
     """
-    config = RunConfig.from_options(model=model, system=system, n=n, need_key=sending, **options)
-    prompt = PromptTemplate(template)
+    config = RunConfig.from_options(
+        model=spec.model, system=spec.system, n=spec.n, need_key=sending, **spec.options
+    )
+    prompt = PromptTemplate(spec.template)
     prompt.check(frame.columns)
+    output = spec.output
     if output is not None:
         if not isinstance(output, str) or not output:
             raise ConfigurationError(f"output must be a non-empty column name, got {output!r}")
         out_fields = normalize_fields({output: str})
     else:
-        out_fields = normalize_fields(fields)
+        out_fields = normalize_fields(spec.fields)
     if sending:
         _check_collisions(frame, [f.name for f in out_fields], from_output=output is not None)
     if output is not None:

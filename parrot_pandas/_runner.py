@@ -63,10 +63,14 @@ def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
     loop = asyncio.new_event_loop()
     outcome: dict[str, Any] = {}
     started = threading.Event()
+    interrupted = threading.Event()
+    finished = threading.Event()
 
     async def main() -> T:
         outcome["task"] = asyncio.current_task()
         started.set()
+        if interrupted.is_set():  # Ctrl-C came before this task could be cancelled
+            raise asyncio.CancelledError
         return await make()
 
     def target() -> None:
@@ -81,14 +85,17 @@ def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
+                finished.set()
 
     thread = threading.Thread(target=target, name="parrot_pandas-run", daemon=True)
-    thread.start()
     try:
-        # A short join timeout keeps the calling thread responsive to Ctrl-C (SIGINT).
-        while thread.is_alive():
-            thread.join(0.05)
+        # Ctrl-C can cut start() short after the thread began: that run must be cancelled too.
+        thread.start()
+        # A short timeout keeps the calling thread responsive to Ctrl-C (SIGINT) everywhere.
+        while not finished.wait(0.05):
+            pass
     except KeyboardInterrupt:
+        interrupted.set()
         started.wait(1.0)
         task = outcome.get("task")
         if task is not None:
@@ -96,8 +103,11 @@ def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
                 loop.call_soon_threadsafe(task.cancel)
             except RuntimeError:
                 pass  # the loop already finished and closed: nothing left to cancel
-        thread.join(_CANCEL_GRACE)
+        # Not thread.join: on Python 3.11 a join cut short by Ctrl-C marks the thread as
+        # stopped while it still runs, and every later join returns at once.
+        finished.wait(_CANCEL_GRACE)
         raise
+    thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -129,6 +139,8 @@ def iterate_sync(make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
     async def pump() -> None:
         outcome["task"] = asyncio.current_task()
         started.set()
+        if stop.is_set():  # the consumer left before this task could be cancelled
+            return
         source = make()
         try:
             async for item in source:
@@ -160,8 +172,9 @@ def iterate_sync(make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
 
     def consume() -> Iterator[T]:
         thread = threading.Thread(target=target, name="parrot_pandas-stream", daemon=True)
-        thread.start()
         try:
+            # Inside the try: Ctrl-C can cut start() short after the thread began.
+            thread.start()
             while True:
                 try:
                     kind, value = items.get(timeout=0.05)

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import json
+import os
+import pathlib
+import pydoc
+import subprocess
+import sys
+import typing
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
 import pandas as pd
 import pytest
 
+import parrot_pandas
 from parrot_pandas import APIConnectionError, APIError, ConfigurationError, RowsFailedError
+from parrot_pandas._config import RUN_SETTINGS
+from parrot_pandas.accessor import _front_door
 
 
 def test_generate_keeps_input_columns_index_and_order(docs, server):
@@ -289,3 +304,183 @@ def test_auto_falls_back_once_per_run(docs, server_factory, switches, chosen):
     stats = server.stats()
     # Each refused strategy costs one request, once per run, not once per row.
     assert stats["rejected"] == len(switches) and stats["ok"] == 3
+
+
+# -- the front door: one declaration of the shared keywords, real signatures, overloads ----
+
+_METHODS = ("generate", "agenerate", "extract", "aextract", "estimate")
+
+
+def _front_doors() -> list:
+    doors = [getattr(parrot_pandas.LLMAccessor, name) for name in _METHODS]
+    try:
+        from parrot_pandas.dask import DaskLLMAccessor
+    except ImportError:  # Dask is optional
+        return doors
+    return [*doors, DaskLLMAccessor.generate, DaskLLMAccessor.extract]
+
+
+def _documented(doc: str) -> list[str]:
+    """The parameter names a numpydoc Parameters section lists, in order."""
+    lines = inspect.cleandoc(doc).splitlines()
+    section = lines[lines.index("Parameters") + 2 : lines.index("Returns")]
+    names = []
+    for line in section:
+        if line and not line[0].isspace():
+            names += line.split(" : ")[0].split(", ")
+    return names
+
+
+@pytest.mark.parametrize("method", _front_doors(), ids=lambda m: m.__qualname__)
+def test_every_front_door_shows_and_documents_its_real_parameters(method):
+    signature = inspect.signature(method)
+    params = signature.parameters
+    for name, default in (("model", None), ("system", None), ("n", 1)):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[name].default == default
+    assert list(params)[-1] == "options"
+    assert params["options"].kind is inspect.Parameter.VAR_KEYWORD
+    # Every parameter in the signature is in the docstring's Parameters section, and the
+    # run settings are listed from RunConfig's own list.
+    shown = [name for name in params if name != "self"]
+    documented = [name.lstrip("*") for name in _documented(method.__doc__)]
+    assert documented == shown
+    assert all(f"``{name}``" in method.__doc__ for name in RUN_SETTINGS)
+
+
+def test_help_shows_the_shared_parameters():
+    text = pydoc.render_doc(parrot_pandas.LLMAccessor.aextract, renderer=pydoc.plaintext)
+    assert "model: 'str | None' = None" in text and "n: 'int' = 1" in text
+    assert "Samples per row" in text and "chunksize : int, optional" in text
+
+
+def test_signature_defaults_are_the_ones_used(docs, server_factory):
+    server = server_factory(honor_n=False)  # one request per sample
+    out = docs.iloc[:1].llm.generate("${title}", base_url=server.url)
+    assert out.attrs["llm"]["model"] == parrot_pandas.DEFAULT_MODEL == "gpt-4o-mini"
+    assert server.stats()["requests"] == 1  # n=1
+    docs.iloc[:1].llm.generate("${title}", base_url=server.url, n=2, cache=False)
+    assert server.stats()["requests"] == 3
+    assert server.stats()["by_prompt"] == {"Ada": 1} or list(server.stats()["by_prompt"]) == ["Ada"]
+
+
+def test_a_method_without_options_or_sections_is_refused():
+    def no_options(self, template: str) -> None:
+        """Nothing.
+
+        Parameters
+        ----------
+        template : str
+
+        Returns
+        -------
+        None
+        """
+
+    def no_sections(self, template: str, **options: Any) -> None:
+        """Nothing documented."""
+
+    with pytest.raises(TypeError, match="options"):
+        _front_door(no_options)
+    with pytest.raises(TypeError, match="Parameters and a Returns"):
+        _front_door(no_sections)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is 3.11+")
+@pytest.mark.parametrize(
+    ("name", "many"),
+    [
+        ("generate", Iterator[pd.DataFrame]),
+        ("extract", Iterator[pd.DataFrame]),
+        ("agenerate", AsyncIterator[pd.DataFrame]),
+        ("aextract", AsyncIterator[pd.DataFrame]),
+    ],
+)
+def test_overloads_tell_type_checkers_what_chunksize_returns(name, many):
+    method = getattr(parrot_pandas.LLMAccessor, name)
+    returns = {}
+    for overload in typing.get_overloads(method):
+        hints = typing.get_type_hints(overload)
+        returns[hints["chunksize"]] = hints["return"]
+        # An overload promises nothing the real signature does not take.
+        assert set(inspect.signature(overload).parameters) <= set(
+            inspect.signature(method).parameters
+        )
+    assert returns == {
+        type(None): pd.DataFrame,
+        int: many,
+        int | None: pd.DataFrame | many,
+    }
+
+
+# -- public names --------------------------------------------------------------------------
+
+_NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _private_names(source: str) -> list[str]:
+    """The private parrot_pandas names a piece of code imports or reaches for."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("parrot_pandas"):
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("parrot_pandas."):
+            names = [ast.unparse(node)]
+        else:
+            continue
+        found += [
+            name
+            for name in names
+            if name.startswith("parrot_pandas")
+            and any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
+        ]
+    return found
+
+
+def test_notebooks_use_only_public_names():
+    sources = {"_setup.py": (_NOTEBOOKS / "_setup.py").read_text()}
+    for path in sorted(_NOTEBOOKS.glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        # IPython magics and shell escapes are not Python.
+        sources[path.name] = "\n".join(
+            line for cell in code for line in cell.splitlines() if not line.startswith(("%", "!"))
+        )
+    assert len(sources) > 1
+    assert {name: _private_names(text) for name, text in sources.items()} == {
+        name: [] for name in sources
+    }
+    assert _private_names("from parrot_pandas._config import DEFAULT_MODEL") == [
+        "parrot_pandas._config.DEFAULT_MODEL"
+    ]
+
+
+def test_the_public_names_are_importable():
+    assert set(parrot_pandas.__all__) <= set(dir(parrot_pandas))
+    assert not [
+        name for name in parrot_pandas.__all__ if name.startswith("_") and name != "__version__"
+    ]
+    assert "DEFAULT_MODEL" in parrot_pandas.__all__
+
+
+@pytest.mark.slow
+def test_the_front_door_imports_without_docstrings():
+    # python -OO drops every docstring; the shared keywords still reach the signatures.
+    root = str(pathlib.Path(parrot_pandas.__file__).resolve().parent.parent)
+    code = (
+        "import inspect, parrot_pandas\n"
+        "print(*inspect.signature(parrot_pandas.LLMAccessor.extract).parameters)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-OO", "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "self", "template", "fields", "chunksize", "model", "system", "n", "options"
+    ]  # fmt: skip

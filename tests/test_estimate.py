@@ -13,7 +13,7 @@ import pytest
 from parrot_pandas import _feed as feed
 from parrot_pandas import _tokens as tokens
 from parrot_pandas._cache import _MIGRATIONS, ResponseCache, default_cache_path
-from parrot_pandas._run import prepare
+from parrot_pandas._run import RunSpec, prepare
 from parrot_pandas._tokens import approximate_tokens
 
 COUNTS = ("rows", "skipped_rows", "cached_rows", "requests")
@@ -138,7 +138,7 @@ def test_an_estimate_reads_an_older_cache_without_migrating_it(docs, server, tmp
     # it to WAL, copy its table (migration 2) and VACUUM. An estimate only reads it.
     path = tmp_path / "old.sqlite3"
     options = {"base_url": server.url, "cache": str(path)}
-    run = prepare(docs, "${title}", None, "output", None, None, 1, options, sending=False)
+    run = prepare(docs, RunSpec("${title}", output="output", options=options), sending=False)
     conn = sqlite3.connect(path)
     _MIGRATIONS[0](conn)
     conn.execute("PRAGMA user_version = 1")
@@ -159,7 +159,7 @@ def test_an_estimate_reads_an_older_cache_without_migrating_it(docs, server, tmp
 
 def test_cached_answers_the_parser_rejects_are_asked_again(docs, server):
     fields = ["name", "year"]
-    run = prepare(docs, "${text}", fields, None, None, None, 1, {"base_url": server.url})
+    run = prepare(docs, RunSpec("${text}", fields=fields, options={"base_url": server.url}))
     with ResponseCache(default_cache_path()) as cache:
         cache.put(run.plan.key("no facts here"), 0, "not json at all", model="gpt-4o-mini")
         cache.put(run.plan.key("name=Ada, year=1815"), 0, json.dumps({"items": []}), model="m")
@@ -209,7 +209,7 @@ def test_tiktoken_counts_include_message_and_tool_overhead(monkeypatch, docs):
     assert est["prompt_tokens"] == 3 + (3 + 1 + 2)  # priming; wrapping + role + content
     fields = ["name"]
     extract = estimate_of(one, "${text}", fields=fields, cache=False)
-    run = prepare(one, "${text}", fields, None, None, None, 1, {"api_key": "sk-test"})
+    run = prepare(one, RunSpec("${text}", fields=fields, options={"api_key": "sk-test"}))
     schema_words = len(json.dumps(run.plan.schema).split())
     assert extract["prompt_tokens"] == est["prompt_tokens"] + tokens._TOOL_OVERHEAD + schema_words
 

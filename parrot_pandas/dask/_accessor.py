@@ -14,8 +14,8 @@ request path. The output keeps the input's index labels (repeated when a row giv
 answers, as ``DataFrame.explode`` does) and never moves a row to another partition, so known
 divisions stay valid and are kept, as dask's own ``explode`` keeps them.
 
-The task graph holds :func:`llm_generate` / :func:`llm_extract` and a :class:`_PartitionJob`,
-all pickled by reference to this module; the job's options (the API key among them) stay out
+The task graph holds :func:`llm_generate` / :func:`llm_extract` and the caller's ``RunSpec``,
+pickled by reference to their modules; the spec's options (the API key among them) stay out
 of its repr, and the rate budget is looked up on the worker (``_budget.py``).
 
 When a worker dies, Dask runs the partitions that were on it again elsewhere (up to
@@ -31,7 +31,7 @@ keep ``cache=`` on a local disk (never NFS/SMB, which break SQLite's locking).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import dask.dataframe as dd
@@ -39,8 +39,9 @@ import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
 from .._frame import explode
-from .._run import Run, prepare
+from .._run import Run, RunSpec, prepare
 from .._runner import run_sync
+from ..accessor import _front_door, _spec
 from ..errors import ConfigurationError
 from ._budget import default_service
 
@@ -59,24 +60,16 @@ class DaskLLMAccessor:
     def __init__(self, dask_obj: dd.DataFrame) -> None:
         self._obj = dask_obj
 
-    def generate(
-        self,
-        template: str,
-        *,
-        output: str = "output",
-        model: str | None = None,
-        system: str | None = None,
-        n: int = 1,
-        **options: Any,
-    ) -> dd.DataFrame:
+    @_front_door
+    def generate(self, template: str, *, output: str = "output", **options: Any) -> dd.DataFrame:
         """Generate text for every row, lazily.
 
         Parameters
         ----------
-        template, output, model, system, n, **options
-            As in :meth:`parrot_pandas.LLMAccessor.generate`. ``progress`` defaults to off
-            (one bar per partition on the workers' stderr helps nobody; use Dask's progress
-            tools).
+        template, output
+            As in :meth:`parrot_pandas.LLMAccessor.generate`. ``progress`` (in ``options``)
+            defaults to off (one bar per partition on the workers' stderr helps nobody; use
+            Dask's progress tools), and ``chunksize`` is not taken.
 
         Returns
         -------
@@ -99,24 +92,15 @@ class DaskLLMAccessor:
         >>> out = ddf.llm.generate("Summarize: ${text}", output="summary")  # doctest: +SKIP
         >>> out.to_parquet("summaries/")  # doctest: +SKIP
         """
-        job = _PartitionJob(template, None, output, model, system, n, options)
-        return _lazy(self._obj, job)
+        return _lazy(self._obj, _spec(template, options, output=output))
 
-    def extract(
-        self,
-        template: str,
-        fields: Any,
-        *,
-        model: str | None = None,
-        system: str | None = None,
-        n: int = 1,
-        **options: Any,
-    ) -> dd.DataFrame:
+    @_front_door
+    def extract(self, template: str, fields: Any, **options: Any) -> dd.DataFrame:
         """Extract structured objects from every row, lazily: one output row per object.
 
         Parameters
         ----------
-        template, fields, model, system, n, **options
+        template, fields
             As in :meth:`parrot_pandas.LLMAccessor.extract`.
 
         Returns
@@ -135,37 +119,17 @@ class DaskLLMAccessor:
         >>> qa = ddf.llm.extract("Q/A pairs in: ${text}", ["question", "answer"])  # doctest: +SKIP
         >>> qa.dtypes  # doctest: +SKIP
         """
-        job = _PartitionJob(template, fields, None, model, system, n, options)
-        return _lazy(self._obj, job)
+        return _lazy(self._obj, _spec(template, options, fields=fields))
 
 
-@dataclass(frozen=True, eq=False)
-class _PartitionJob:
-    """What every partition needs to rebuild the run; options (the key too) stay out of repr."""
-
-    template: str
-    fields: Any
-    output: str | None
-    model: str | None
-    system: str | None
-    n: int
-    options: dict[str, Any] = field(repr=False)
-
-    def run_for(self, frame: pd.DataFrame) -> Run:
-        return prepare(
-            frame, self.template, self.fields, self.output, self.model, self.system, self.n,
-            dict(self.options),
-        )  # fmt: skip
-
-
-def _lazy(ddf: dd.DataFrame, job: _PartitionJob) -> dd.DataFrame:
-    if "chunksize" in job.options:
+def _lazy(ddf: dd.DataFrame, spec: RunSpec) -> dd.DataFrame:
+    if "chunksize" in spec.options:
         raise ConfigurationError(
             "chunksize= is for pandas frames; a Dask DataFrame is already processed partition "
             "by partition (use ddf.repartition(partition_size=...) to change their size)"
         )
-    job = replace(job, options={"progress": False, **job.options})
-    run = job.run_for(ddf._meta)
+    spec = replace(spec, options={"progress": False, **spec.options})
+    run = prepare(ddf._meta, spec)
     config = run.config
     # Resolved here, once: every worker then uses the client's model, server and key, whatever
     # its own environment says.
@@ -175,10 +139,10 @@ def _lazy(ddf: dd.DataFrame, job: _PartitionJob) -> dd.DataFrame:
         "provider": config.provider,
         "api_version": config.api_version,
     }
-    job = replace(job, model=config.model, n=config.n, options={**job.options, **resolved})
+    spec = replace(spec, model=config.model, n=config.n, options={**spec.options, **resolved})
     # The function's name is what Dask's dashboard shows for the tasks.
-    func = llm_generate if job.output is not None else llm_extract
-    return ddf.map_partitions(func, job, meta=_empty_result(run), enforce_metadata=True)
+    func = llm_generate if spec.output is not None else llm_extract
+    return ddf.map_partitions(func, spec, meta=_empty_result(run), enforce_metadata=True)
 
 
 def _empty_result(run: Run) -> pd.DataFrame:
@@ -190,18 +154,18 @@ def _empty_result(run: Run) -> pd.DataFrame:
     return out
 
 
-def llm_generate(partition: pd.DataFrame, job: _PartitionJob) -> pd.DataFrame:
+def llm_generate(partition: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
     """One partition of ``ddf.llm.generate``."""
-    return _run_partition(partition, job)
+    return _run_partition(partition, spec)
 
 
-def llm_extract(partition: pd.DataFrame, job: _PartitionJob) -> pd.DataFrame:
+def llm_extract(partition: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
     """One partition of ``ddf.llm.extract``."""
-    return _run_partition(partition, job)
+    return _run_partition(partition, spec)
 
 
-def _run_partition(partition: pd.DataFrame, job: _PartitionJob) -> pd.DataFrame:
-    run = job.run_for(partition)
+def _run_partition(partition: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
+    run = prepare(partition, spec)
     if partition.empty:
         return _empty_result(run)
     budget = default_service().budget(run.config)
