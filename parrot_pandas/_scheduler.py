@@ -276,10 +276,15 @@ class Scheduler:
         strategy = self.plan.strategy
         later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(strategy) + 1 :]
         if not self._probing or not later:
+            fix = (
+                'pass structured="auto" to use the best way it supports'
+                if not self._probing
+                else "no structured-output strategy is left to try"
+            )
             raise _with_message(
                 exc,
-                f"{exc.message.rstrip('.')}. The server does not support structured={strategy!r}; pass "
-                'structured="auto" to use the best way it supports.',
+                f"{exc.message.rstrip('.')}. The server does not support "
+                f"structured={strategy!r}; {fix}.",
                 Verdict("run", False, "unsupported_strategy"),
             )
         logger.info(
