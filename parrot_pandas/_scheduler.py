@@ -7,8 +7,8 @@ How a run goes
 2. The first row that needs a request goes alone (the setup request), and its rate-limit
    headers size the run. Only a ``run`` verdict (bad key, model or URL, no quota) fails the
    run there; a ``row`` verdict fails that row and the next row becomes the setup request, up
-   to ``_SETUP_TRIES`` rows in a row, after which the run stops rather than pay for every row
-   of a broken server. A ``strategy`` verdict moves ``structured="auto"`` to the next strategy
+   to ``_SETUP_TRIES`` rows in a row, after which the run stops (if rows are left) rather than
+   pay for every row of a broken server. A ``strategy`` verdict moves ``structured="auto"`` to the next strategy
    (with a fixed ``structured=`` it fails the run, naming ``structured="auto"``).
 3. Workers (at most ``max_concurrency``, never more than the rows) pull jobs from the same lazy
    feed; a gate sized by Little's law (sustainable rate x observed latency) keeps only as many
@@ -257,6 +257,9 @@ class Scheduler:
             if error is None:
                 return
             failures += 1
+            next_job = next(feed, None)
+            if next_job is None:
+                return  # no row left to pay for: the failed rows are the run's outcome
             if failures >= _SETUP_TRIES:
                 raise _with_message(
                     error,
@@ -265,9 +268,6 @@ class Scheduler:
                     "again (answers already received are cached).",
                     Verdict("run", False, "setup_failed"),
                 )
-            next_job = next(feed, None)
-            if next_job is None:
-                return
             job = next_job
 
     def _fall_back(self, exc: APIError | StructuredOutputError) -> None:

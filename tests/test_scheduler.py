@@ -206,6 +206,12 @@ async def test_setup_stops_the_run_after_repeated_row_failures(make):
     assert client.sent == ["a", "a", "b", "b", "c", "c"]  # never the other five rows
 
 
+async def test_three_failed_rows_with_none_left_are_just_failed_rows(make):
+    client = ScriptedClient(lambda p, a: APIError("boom", status=500))
+    outcome = await make(client, max_retries=0).run(iter("abc"), rows=3)
+    assert [job.error for job in outcome] == ["HTTP 500: boom"] * 3  # nothing left to save
+
+
 async def test_a_run_verdict_mid_run_stops_the_run(make):
     quota = APIError("You exceeded your current quota", status=429, verdict=RUN_QUOTA)
     client = ScriptedClient(failing("c", quota))
