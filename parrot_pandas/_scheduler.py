@@ -8,8 +8,9 @@ How a run goes
    headers size the run. Only a ``run`` verdict (bad key, model or URL, no quota) fails the
    run there; a ``row`` verdict fails that row and the next row becomes the setup request, up
    to ``_SETUP_TRIES`` rows in a row, after which the run stops (if rows are left) rather than
-   pay for every row of a broken server. A ``strategy`` verdict moves ``structured="auto"`` to the next strategy
-   (with a fixed ``structured=`` it fails the run, naming ``structured="auto"``).
+   pay for every row of a broken server. A ``strategy`` verdict moves ``structured="auto"`` to
+   the next strategy (with a fixed ``structured=`` it fails the run, naming
+   ``structured="auto"``).
 3. Workers (at most ``max_concurrency``, never more than the rows) pull jobs from the same lazy
    feed; a gate sized by Little's law (sustainable rate x observed latency) keeps only as many
    requests in flight as the limits can use, and every request first asks the rate budget.
