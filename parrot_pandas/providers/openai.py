@@ -18,6 +18,7 @@ row's errors, not retried); ``message.refusal`` is the model declining a structu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -137,13 +138,9 @@ class OpenAIProvider:
             fault = ErrorBody.read(body)
             if not fault.message:
                 raise no_answer_body(body, "choices")
-            fault = ErrorBody(
-                f"the server answered 200 with an error and no 'choices': {fault.message}",
-                fault.code,
-                fault.type,
-                fault.param,
-                fault.status,
-                fault.details,
+            fault = dataclasses.replace(
+                fault,
+                message=f"the server answered 200 with an error and no 'choices': {fault.message}",
             )
             limits = self.limits(headers)
             raise api_error(fault.status, fault, self.judge(call, fault.status, fault), limits)
@@ -225,7 +222,8 @@ class OpenAIProvider:
             return RUN_REFUSED
         if status == 404 or names & _NOT_FOUND_CODES:
             return RUN_NOT_FOUND
-        client_error = status is None or 400 <= status < 500
+        # A 429's words are about the rate limit, never the context window.
+        client_error = status is None or (400 <= status < 500 and status != 429)
         if names & _CONTEXT_CODES or (client_error and _CONTEXT_WORDS.search(message)):
             return ROW_TOO_LONG
         if "content_filter" in names:
