@@ -1,8 +1,14 @@
-"""The wire: one HTTP session per run, provider-neutral, mapping failures to our errors."""
+"""The wire: one HTTP session per run, provider-neutral, mapping failures to our errors.
+
+The provider judges what the server said (its verdicts); the client judges what only the wire
+knows (no connection, a timeout, an unreadable body) and makes every message safe to show: the
+API key is scrubbed in any letter case, and a URL is only ever shown redacted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import urllib.parse
@@ -11,11 +17,16 @@ from typing import Any
 
 import aiohttp
 
-from ._secrets import scrub
-from .errors import APIConnectionError, APIError
+from ._secrets import redact_url, scrub
+from .errors import APIConnectionError, APIError, StructuredOutputError, Verdict
 from .providers import Call, Completion, Provider
 
 __all__ = ["Client"]
+
+# No connection at all (refused, no such host): retried, and if it never comes, no row can
+# succeed. A certificate the client refuses will not change by asking again.
+_UNREACHABLE = Verdict("run", True, "unreachable")
+_BAD_CERTIFICATE = Verdict("run", False, "certificate")
 
 
 class Client:
@@ -72,20 +83,22 @@ class Client:
         Raises
         ------
         APIError
-            The server answered with an error status (its message, never the key).
+            The server refused the request (its message, never the key), with the provider's
+            verdict; a run-level refusal also names the URL requested (redacted).
         APIConnectionError
             No usable response: dropped or refused connection, timeout, unreadable body.
         StructuredOutputError
-            The response holds no answer for a structured call.
+            The response holds no answer at all.
         """
         assert self._session is not None, "use `async with Client(...)`"
         request = self.provider.build(call)
+        url = request.url
         try:
             async with self._session.post(
-                request.url,
+                url,
                 json=request.json,
                 headers=request.headers,
-                proxy=self._proxy(request.url),
+                proxy=self._proxy(url),
             ) as response:
                 status = response.status
                 headers = response.headers
@@ -95,20 +108,32 @@ class Client:
                 f"no response within {self._timeout.total:g} s (raise timeout= for long answers)"
             ) from None
         except aiohttp.ClientError as exc:
-            raise APIConnectionError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
+            raise self._shown(_connection_error(exc), url) from None
         body = _decode(raw)
-        if 200 <= status < 300:
+        try:
+            if not 200 <= status < 300:
+                raise self.provider.error(call, status, body, headers)
             if not isinstance(body, dict):
-                raise APIConnectionError(
-                    self._scrub(f"HTTP {status} with an unreadable body: {raw[:200]!r}")
-                )
-            return self.provider.parse(call, body, headers)
-        error = self.provider.error(status, body, headers)
-        if isinstance(error, APIError):
-            error.message = self._scrub(error.message)
-            error.args = (error.message,)
-            error.limits = self.provider.limits(headers)
-        raise error
+                raise APIConnectionError(f"HTTP {status} with an unreadable body: {raw[:200]!r}")
+            completion = self.provider.parse(call, body, headers)
+        except (APIError, StructuredOutputError) as exc:
+            raise self._shown(exc, url) from None
+        for problem in completion.problems:
+            self._shown(problem, url)
+        return completion
+
+    def _shown(
+        self, exc: APIError | StructuredOutputError, url: str
+    ) -> APIError | StructuredOutputError:
+        # Everything a server says passes through here before a user can see it: error bodies on
+        # any status (a 200 without choices too), connection errors, refusals.
+        message = self._scrub(exc.message, url)
+        if exc.verdict.scope == "run":
+            # A wrong base_url or model shows as a 404: show where the request went.
+            message += f" (POST {self._scrub(redact_url(url), url)})"
+        exc.message = message
+        exc.args = (message,)
+        return exc
 
     def _proxy(self, url: str) -> str | None:
         # The standard proxy variables (HTTPS_PROXY, NO_PROXY, ...), once per URL.
@@ -120,8 +145,38 @@ class Client:
             self._proxies[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
         return self._proxies[url]
 
-    def _scrub(self, text: str) -> str:
-        return scrub(text, self._secret)
+    def _scrub(self, text: str, url: str | None = None) -> str:
+        text = scrub(text, self._secret)
+        if url is not None:
+            for secret in _url_secrets(url):
+                text = scrub(text, secret)
+        return text
+
+
+@functools.lru_cache(maxsize=64)
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """What :func:`redact_url` hides in ``url``: a password, secret-looking query values."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        shown = urllib.parse.urlsplit(redact_url(url))
+    except ValueError:
+        return ()
+    secrets = [parts.password] if parts.password else []
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    hidden = urllib.parse.parse_qsl(shown.query, keep_blank_values=True)
+    for (_, value), (_, redacted) in zip(pairs, hidden, strict=False):
+        if value and redacted == "***" and value != "***":
+            secrets.append(value)
+    return tuple(secrets)
+
+
+def _connection_error(exc: aiohttp.ClientError) -> APIConnectionError:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return APIConnectionError(text, verdict=_BAD_CERTIFICATE)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return APIConnectionError(text, verdict=_UNREACHABLE)
+    return APIConnectionError(text)
 
 
 def _is_loopback(host: str) -> bool:

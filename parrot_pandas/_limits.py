@@ -36,6 +36,9 @@ __all__ = [
 # A server that asks for more than this is more likely broken than serious; the
 # scheduler's retries (and their own backoff) take over after it.
 MAX_PAUSE = 60.0
+# How long a 429 pauses every worker when the response says nothing about when to come back:
+# the one default of the 429 path (see LimitInfo.wait_after_429).
+DEFAULT_429_WAIT = 1.0
 
 # Float refills land a hair short of the target after sleeping exactly the computed
 # wait; without this slack the waiter would wake again for a nanosecond.
@@ -238,7 +241,7 @@ class LimitInfo:
 
         The server's ``retry-after`` if it gave one; otherwise the reset of the
         bucket that is exhausted (``remaining == 0``); otherwise the longest known
-        reset; otherwise 1 second.
+        reset; otherwise :data:`DEFAULT_429_WAIT` (1 second).
 
         Returns
         -------
@@ -262,7 +265,7 @@ class LimitInfo:
             ]
             exhausted = [reset for left, reset in buckets if left == 0 and reset is not None]
             known = [reset for _, reset in buckets if reset is not None]
-            wait = max(exhausted or known or [1.0])
+            wait = max(exhausted or known or [DEFAULT_429_WAIT])
         return min(max(wait, 0.0), MAX_PAUSE)
 
 
@@ -386,7 +389,7 @@ def _check_positive(**values: float) -> None:
 class Budget(Protocol):
     """What the scheduler needs from a rate budget; :class:`RateBudget` is one.
 
-    A budget shared between processes (Dask workers) implements the same four methods.
+    A budget shared between processes (Dask workers) implements the same six methods.
     """
 
     async def acquire(self, tokens: int = 0) -> None:
@@ -400,6 +403,12 @@ class Budget(Protocol):
 
     def pause(self, seconds: float) -> None:
         """Stop every acquirer for `seconds` (after a 429)."""
+
+    def requests_per_second(self, tokens_per_request: float) -> float | None:
+        """The request rate the limits sustain (None if unlimited): sizes the worker pool."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """The limits in effect (at least ``"rpm"`` and ``"tpm"``), for logs and ``attrs``."""
 
 
 class RateBudget:

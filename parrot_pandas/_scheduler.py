@@ -4,14 +4,20 @@ How a run goes
 --------------
 1. Prompts are rendered lazily and deduplicated by cache key: identical requests are sent once.
    Rows are looked up in the cache in batches; cached rows finish without a request.
-2. The first row that needs a request goes alone (the setup request): a bad key, model or URL
-   fails the run at once with the server's message, and its rate-limit headers size the run.
-3. Workers (at most ``max_concurrency``) pull jobs from the same lazy feed; a gate sized by
-   Little's law (sustainable rate x observed latency) keeps only as many requests in flight as
-   the limits can use, and every request first asks the rate budget for permission.
-4. Transient failures are retried with exponential backoff and full jitter; a 429 pauses the
-   whole budget (every worker) until the announced reset. A row that still fails is recorded
-   and the others go on.
+2. The first row that needs a request goes alone (the setup request), and its rate-limit
+   headers size the run. Only a ``run`` verdict (bad key, model or URL, no quota) fails the
+   run there; a ``row`` verdict fails that row and the next row becomes the setup request, up
+   to ``_SETUP_TRIES`` rows in a row, after which the run stops (if rows are left) rather than
+   pay for every row of a broken server. A ``strategy`` verdict moves ``structured="auto"`` to
+   the next strategy (with a fixed ``structured=`` it fails the run, naming
+   ``structured="auto"``).
+3. Workers (at most ``max_concurrency``, never more than the rows) pull jobs from the same lazy
+   feed; a gate sized by Little's law (sustainable rate x observed latency) keeps only as many
+   requests in flight as the limits can use, and every request first asks the rate budget.
+4. Each failure is acted on by its verdict alone (see :mod:`._retry`, the one retry
+   declaration): retried only when ``verdict.retry``; a rate limit also pauses the whole budget
+   until the announced reset. A ``row`` failure is recorded and the others go on; a ``run``
+   failure stops the run, and every finished answer stays cached.
 """
 
 from __future__ import annotations
@@ -20,13 +26,10 @@ import asyncio
 import functools
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
-
-import backoff
 
 from ._cache import ResponseCache
 from ._client import Client
@@ -42,29 +45,19 @@ from ._events import (
     Usage,
 )
 from ._feed import Feed, Job
-from ._limits import Budget
+from ._limits import MAX_PAUSE, Budget, LimitInfo
 from ._plan import RequestPlan
-from .errors import APIError, StructuredOutputError
+from ._retry import RETRIED, RetryPolicy
+from .errors import RATE_LIMITED, APIConnectionError, APIError, StructuredOutputError, Verdict
 
 __all__ = ["Scheduler"]
 
 logger = logging.getLogger("parrot_pandas")
 
-# 400s that belong to one row (its prompt), not to the run's configuration.
-_ROW_SPECIFIC = re.compile(
-    r"context.{0,20}(length|window)|maximum context|too many tokens|too long|content.?filter",
-    re.IGNORECASE,
-)
-# What the retry policy retries (the rest, e.g. a cancellation, goes straight up).
-_RETRIED = (APIError, StructuredOutputError)
-# An error that names a structured-output parameter: the server does not support that strategy.
-_STRATEGY_PARAMETER = re.compile(
-    r"tool|function|response_format|json_schema|json_object|grammar|schema|output_config"
-    r"|output_format",
-    re.IGNORECASE,
-)
-# Error codes that belong to one row's prompt (OpenAI's too-long prompt, Azure's content filter).
-_ROW_SPECIFIC_CODES = frozenset({"context_length_exceeded", "content_filter"})
+# Setup requests that may fail on their own rows, one after the other, before the run stops:
+# a server that fails every row (every answer truncated, a 500 on every prompt) is then paid
+# three times, not once per row.
+_SETUP_TRIES = 3
 
 
 class _Gate:
@@ -147,6 +140,7 @@ class Scheduler:
         cache: ResponseCache | None = None,
         listeners: Iterable[Listener] = (),
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         retry_factor: float = 0.5,
         retry_max_wait: float = 30.0,
     ) -> None:
@@ -154,10 +148,6 @@ class Scheduler:
         self.plan = plan
         self.client = client
         self.budget = budget
-        # Optional in the Budget protocol: what sizes the gate by Little's law.
-        self._rate_of: Callable[[float], float | None] | None = getattr(
-            budget, "requests_per_second", None
-        )
         self.cache = cache
         self.listeners = list(listeners)
         self.usage = Usage()
@@ -171,27 +161,11 @@ class Scheduler:
         self._latency: float | None = None
         self._tokens_per_request: float | None = None
         self._prompt_ratio = 1.0
-        # Retry policy, declared once: what is retried, how long we wait, what gives up.
-        retrying = functools.partial(
-            backoff.on_exception,
-            backoff.expo,
-            _RETRIED,
-            max_tries=config.max_retries + 1,
-            jitter=backoff.full_jitter,
-            on_backoff=self._on_backoff,
-            logger=None,
-            factor=retry_factor,
-            max_value=retry_max_wait,
+        # What is retried, how long we wait, what gives up: declared once, in _retry.
+        self._retry = RetryPolicy(
+            tries=config.max_retries + 1, factor=retry_factor, max_wait=retry_max_wait, sleep=sleep
         )
-        self._retry = retrying(giveup=lambda exc: not exc.retryable)(self._replay_then_send)
-        # Probing a structured strategy retries only what is plainly transient.
-        self._send_probe = retrying(
-            giveup=lambda exc: (
-                isinstance(exc, StructuredOutputError)
-                or not exc.retryable
-                or _rejects_strategy(exc)
-            )
-        )(self._send)
+        # Whether a strategy verdict on the setup request may fall back to the next strategy.
         self._probing = config.structured == "auto" and plan.fields is not None
 
     # -- the run -------------------------------------------------------------------------
@@ -224,9 +198,11 @@ class Scheduler:
 
         Raises
         ------
-        APIError
-            When the setup request fails for a reason no retry can fix (bad key, model, URL),
-            or the key is refused mid-run (401/403). Finished answers stay in the cache.
+        APIError or StructuredOutputError
+            On a ``run`` verdict (bad key, model or URL, quota gone; at the setup request or
+            mid-run), when the server refuses a fixed ``structured=`` strategy, or when
+            ``_SETUP_TRIES`` setup requests in a row failed on their rows. Finished answers
+            stay in the cache.
         """
         self._emit(RunStarted(rows=rows, usage=self.usage))
         outcome = [] if outcome is None else outcome
@@ -240,8 +216,8 @@ class Scheduler:
         try:
             first = next(feed, None)
             if first is not None:
-                await self._process(first, setup=True)
-                await self._run_workers(feed, outcome, room)
+                await self._setup(first, feed)
+                await self._run_workers(feed, outcome, room, workers=rows)
             else:
                 # Every row was cached or skipped: drain the generator's bookkeeping.
                 for _ in feed:
@@ -252,25 +228,79 @@ class Scheduler:
             self._emit(RunFinished(self.facts()))
         return outcome
 
+    async def _setup(self, job: Job, feed: Iterator[Job]) -> None:
+        # The setup request: one row at a time until one succeeds. A row's own failure moves
+        # on to the next row; a strategy verdict asks the same row again the next way.
+        failures = 0
+        while True:
+            try:
+                error = await self._process(job, setup=True)
+            except RETRIED as exc:
+                if exc.verdict.scope != "strategy":
+                    raise
+                self._fall_back(exc)
+                continue
+            if error is None:
+                return
+            failures += 1
+            next_job = next(feed, None)
+            if next_job is None:
+                return  # no row left to pay for: the failed rows are the run's outcome
+            if failures >= _SETUP_TRIES:
+                raise _with_message(
+                    error,
+                    f"the first {failures} rows sent all failed, the last with: {_message(error)}. "
+                    "The run stops here rather than pay for every row: fix the cause and run "
+                    "again (answers already received are cached).",
+                    Verdict("run", False, "setup_failed"),
+                )
+            job = next_job
+
+    def _fall_back(self, exc: APIError | StructuredOutputError) -> None:
+        # A strategy verdict on the setup request: the server refused the structured-output
+        # parameter or ignored it. Never taken from what an answer says (a filter, a truncation).
+        strategy = self.plan.strategy
+        later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(strategy) + 1 :]
+        if not self._probing or not later:
+            fix = (
+                'pass structured="auto" to use the best way it supports'
+                if not self._probing
+                else "no structured-output strategy is left to try"
+            )
+            raise _with_message(
+                exc,
+                f"{exc.message.rstrip('.')}. The server does not support "
+                f"structured={strategy!r}; {fix}.",
+                Verdict("run", False, "unsupported_strategy"),
+            )
+        logger.info(
+            "structured=%r refused or ignored by the server (%s); trying %r",
+            strategy,
+            exc,
+            later[0],
+        )
+        self.plan = self.plan.with_strategy(later[0])
+
     async def _run_workers(
         self,
         feed: Iterator[Job],
         outcome: list[Job | None],
         room: Callable[[int], Awaitable[None]] | None,
+        *,
+        workers: int,
     ) -> None:
-        workers = [
-            asyncio.create_task(self._worker(feed, outcome, room))
-            for _ in range(self._max_concurrency)
-        ]
+        # Never more workers than rows: max_concurrency=1_000_000 on 3 rows makes 3 tasks.
+        count = max(1, min(self._max_concurrency, workers))
+        tasks = [asyncio.create_task(self._worker(feed, outcome, room)) for _ in range(count)]
         try:
-            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 if task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
-            for task in workers:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _worker(
         self,
@@ -296,7 +326,7 @@ class Scheduler:
 
     def facts(self) -> dict[str, Any]:
         """Run facts for ``out.attrs["llm"]`` beyond the event counts."""
-        snapshot = getattr(self.budget, "snapshot", dict)()
+        snapshot = self.budget.snapshot()
         return {
             "model": self.plan.config.model,
             "strategy": self.plan.strategy,
@@ -307,69 +337,41 @@ class Scheduler:
 
     # -- one job ---------------------------------------------------------------------------
 
-    async def _process(self, job: Job, *, setup: bool = False) -> None:
+    async def _process(self, job: Job, *, setup: bool = False) -> Exception | None:
+        """Answer one job; return the error that failed its row, if any.
+
+        Raises on a ``run`` verdict, and on a ``strategy`` verdict of the setup request (the
+        caller falls back); any other failure is the row's.
+        """
         try:
-            if setup and self._probing:
-                await self._probe_strategies(job)
             while len(job.samples) < self._n:
                 want = min(self._n - len(job.samples), self._per_request)
-                # The first attempt goes out directly; only a failed one enters the retry policy
-                # (measured: its per-call bookkeeping was a tenth of the client's CPU).
-                try:
-                    answers = await self._send(job, want)
-                except _RETRIED as exc:
-                    failed = [exc]
-                else:
-                    self._keep(job, answers)
-                    continue
-                self._keep(job, await self._retry(job, want, failed))
-        except (APIError, StructuredOutputError) as exc:
-            if _is_fatal(exc, setup=setup):
+                await self._retry.call(
+                    self._attempt, job, want, setup=setup, on_retry=self._on_retry
+                )
+        except RETRIED as exc:
+            scope = exc.verdict.scope
+            if scope == "run" or (setup and scope == "strategy"):
                 raise
             if job.samples:
                 # Some samples arrived: keep them rather than lose paid-for answers.
                 logger.warning("row gave %d of %d samples: %s", len(job.samples), self._n, exc)
                 self._finish(job, cached=False)
-            else:
-                self._fail(job, exc)
-            return
+                return None
+            self._fail(job, exc)
+            return exc
         self._finish(job, cached=False)
+        return None
 
-    async def _probe_strategies(self, job: Job) -> None:
-        # Once per run, on the setup request: a server that rejects a structured-output
-        # strategy (an error naming the parameter) or ignores it (no parseable answer) moves
-        # the run to the next one, so rows never pay for the discovery.
-        strategies = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) :]
-        for strategy in strategies:
-            self.plan = self.plan.with_strategy(strategy)
-            last = strategy == strategies[-1]
-            try:
-                answers = await self._send_probe(job, min(self._n, self._per_request))
-            except StructuredOutputError as exc:
-                if last:
-                    raise
-                logger.info(
-                    "structured=%r gave no usable answer (%s); trying the next", strategy, exc
-                )
-                continue
-            except APIError as exc:
-                if last or not _rejects_strategy(exc):
-                    raise
-                logger.info(
-                    "structured=%r refused by the server (%s); trying the next", strategy, exc
-                )
-                continue
+    async def _attempt(self, job: Job, want: int) -> None:
+        # One request: its good answers are kept (and cached) whatever else came with them.
+        answers, unusable, problem = await self._send(job, want)
+        if answers:
             self._keep(job, answers)
-            return
-
-    async def _replay_then_send(
-        self, job: Job, want: int, failed: list[Exception]
-    ) -> list[tuple[str, Any]]:
-        # The retry policy's first try is the attempt _process already made: replaying its
-        # error keeps attempt numbers, waits and give-up rules exactly the policy's.
-        if failed:
-            raise failed.pop()
-        return await self._send(job, want)
+        if unusable:
+            self._keep_unusable(job, unusable)
+        if problem is not None and (not answers or not problem.verdict.retry):
+            raise problem
 
     def _keep(self, job: Job, answers: list[tuple[str, Any]]) -> None:
         # Answers fill the free sample numbers in order; extra answers are dropped.
@@ -384,7 +386,28 @@ class Scheduler:
             if cache is not None:
                 cache.put(job.key, index, text, model=self.plan.config.model)
 
-    async def _send(self, job: Job, want: int) -> list[tuple[str, Any]]:
+    def _keep_unusable(self, job: Job, texts: list[str]) -> None:
+        # Answers the parser rejected for good (a value that does not fit its field): asking
+        # again would pay for the same answer, so the raw text is cached under the next free
+        # sample numbers, and a fixed parser reads it on a re-run without a request.
+        cache = self.cache
+        if cache is None:
+            return
+        taken = set(job.samples)
+        index = 0
+        for text in texts:
+            while index in taken:
+                index += 1
+            if index >= self._n:
+                return
+            taken.add(index)
+            cache.put(job.key, index, text, model=self.plan.config.model)
+
+    async def _send(
+        self, job: Job, want: int
+    ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
+        """One request: its usable answers as (text, value), the texts whose values can never
+        parse, and the worst problem among the rest (``None`` if every answer is usable)."""
         plan = self.plan
         assert job.prompt is not None
         call = plan.call(job.prompt, want)
@@ -395,7 +418,7 @@ class Scheduler:
         started = self._clock()
         try:
             completion = await self.client.send(call)
-        except (APIError, StructuredOutputError) as exc:
+        except RETRIED as exc:
             self.budget.settle(cost, 0)
             if isinstance(exc, APIError):
                 self._react_to_error(exc)
@@ -418,25 +441,33 @@ class Scheduler:
                 latency,
             )
         answers: list[tuple[str, Any]] = []
+        unusable: list[str] = []
         problem: StructuredOutputError | None = None
+        for known in completion.problems:
+            problem = _worse(problem, known)
         parse = plan.parse
         for text in completion.texts[:want]:
             try:
                 answers.append((text, parse(text)))
             except StructuredOutputError as exc:
-                problem = problem or exc
-        if not answers:
-            raise problem or StructuredOutputError("the server returned no answer")
-        return answers
+                if not exc.verdict.retry:
+                    unusable.append(text)
+                problem = _worse(problem, exc)
+        if not answers and problem is None:
+            problem = StructuredOutputError("the server returned no answer")
+        return answers, unusable, problem
 
     def _react_to_error(self, exc: APIError) -> None:
-        if exc.limits is not None:
-            self.budget.observe(exc.limits)
-        if exc.status == 429:
-            wait = exc.limits.wait_after_429() if exc.limits is not None else exc.retry_after
-            self.budget.pause(wait if wait is not None else 1.0)
-        elif exc.retryable and exc.retry_after:
-            self.budget.pause(exc.retry_after)
+        limits = exc.limits
+        if limits is not None:
+            self.budget.observe(limits)
+        if exc.verdict == RATE_LIMITED:
+            # The limit is shared by every request: every worker waits, for the one 429 wait.
+            if limits is None:
+                limits = LimitInfo(retry_after=exc.retry_after)
+            self.budget.pause(limits.wait_after_429())
+        elif exc.verdict.retry and exc.retry_after:
+            self.budget.pause(min(exc.retry_after, MAX_PAUSE))
 
     def _learn(
         self,
@@ -469,8 +500,7 @@ class Scheduler:
     def _resize(self) -> None:
         # Little's law: in-flight requests = sustainable rate x time in flight. A margin covers
         # latency jitter; the budget, not the gate, is what keeps us under the limit.
-        rate_of = self._rate_of
-        rate = rate_of(self._tokens_per_request or 1.0) if rate_of is not None else None
+        rate = self.budget.requests_per_second(self._tokens_per_request or 1.0)
         if rate is None or self._latency is None:
             target = self._max_concurrency
         else:
@@ -478,10 +508,9 @@ class Scheduler:
         if target != self._gate.limit:
             self._gate.resize(target)
 
-    def _on_backoff(self, details: dict[str, Any]) -> None:
-        exc = details["exception"]
-        self._emit(Retry(attempt=details["tries"], wait=details["wait"], error=str(exc)))
-        logger.debug("retry %d in %.2fs after: %s", details["tries"], details["wait"], exc)
+    def _on_retry(self, attempt: int, wait: float, exc: Exception) -> None:
+        self._emit(Retry(attempt=attempt, wait=wait, error=str(exc)))
+        logger.debug("retry %d in %.2fs after: %s", attempt, wait, exc)
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -511,17 +540,29 @@ class Scheduler:
             listener(event)
 
 
-def _is_fatal(exc: Exception, *, setup: bool) -> bool:
-    if not isinstance(exc, APIError):
-        return False
-    if exc.status in (401, 403):
-        return True  # the key is refused: no other row can succeed
-    if not setup:
-        return False
-    return not (
-        exc.status == 400 and (exc.code in _ROW_SPECIFIC_CODES or _ROW_SPECIFIC.search(exc.message))
-    )
+def _worse(
+    known: StructuredOutputError | None, new: StructuredOutputError
+) -> StructuredOutputError:
+    # The problem a request is judged by: the first that will repeat, else the first.
+    if known is None or (known.verdict.retry and not new.verdict.retry):
+        return new
+    return known
 
 
-def _rejects_strategy(exc: APIError) -> bool:
-    return exc.status not in (None, 401, 403, 429) and bool(_STRATEGY_PARAMETER.search(exc.message))
+def _message(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc)
+
+
+def _with_message(
+    exc: Exception, message: str, verdict: Verdict
+) -> APIError | StructuredOutputError:
+    """The same kind of error as ``exc``, with another message and verdict."""
+    if isinstance(exc, APIConnectionError):
+        return APIConnectionError(message, verdict=verdict)
+    if isinstance(exc, APIError):
+        error = APIError(
+            message, status=exc.status, code=exc.code, retry_after=exc.retry_after, verdict=verdict
+        )
+        error.limits = exc.limits
+        return error
+    return StructuredOutputError(message, verdict=verdict)

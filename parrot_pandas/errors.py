@@ -50,8 +50,11 @@ class Verdict:
     reason: str = ""
 
 
-# The verdict of a failure no provider looked at: the status-code rules every HTTP API shares.
+# A fault of the moment (5xx, dropped connection): the same request may succeed when sent again.
 TRANSIENT = Verdict("row", True, "transient")
+# The server's rate limit: the request is retried, and every worker waits first (the limit is
+# shared by every request of the key). The scheduler pauses the budget on this verdict alone.
+RATE_LIMITED = Verdict("row", True, "rate_limited")
 
 
 class ParrotError(Exception):
@@ -136,6 +139,8 @@ def _rebuild(cls: type, message: str, verdict: Verdict) -> Exception:
 
 
 def _status_verdict(status: int | None) -> Verdict:
+    if status == 429:
+        return RATE_LIMITED
     if status is None or status in RETRYABLE_STATUS:
         return TRANSIENT
     if status in (401, 403, 404):

@@ -26,6 +26,10 @@ Behind them is one predictable "model":
 On top of that it can be slow (``latency``), rate limited (``rpm`` / ``tpm`` token buckets),
 and unreliable (``fail_rate``, ``drop_rate``, ``malformed_rate``, drawn from a seeded
 generator), and it counts what happened (``stats()``, or ``GET /_stats`` from another process).
+``faults`` fails chosen rows the way real servers do, every time they are asked: a marker word
+in the prompt picks the fault (a content filter, a truncation, a context-length 400, a
+persistent 500, a request too large for the rate limit, a quota gone, a 200 echoing the key;
+see :data:`FAULTS`).
 
 Examples
 --------
@@ -61,11 +65,32 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeServer", "ServerConfig", "TokenBucket", "main", "make_app"]
+__all__ = ["FAULTS", "FakeServer", "ServerConfig", "TokenBucket", "main", "make_app"]
 
 Clock = Callable[[], float]
 
 _RATE_LIMIT_DOCS = "Visit https://platform.openai.com/account/rate-limits to learn more."
+
+# The faults ServerConfig.faults can put on a row, each as the protocol's real servers send it.
+FAULTS = {
+    "content_filter": "200 whose answer the content filter withheld (finish_reason "
+    "'content_filter'; Anthropic: stop_reason 'refusal')",
+    "truncate": "200 whose answer is cut in half at max_tokens (finish_reason 'length'; "
+    "Anthropic: stop_reason 'max_tokens'), free text or structured",
+    "context_length": "OpenAI's 400 context_length_exceeded, whose text mentions 'functions' "
+    "(Anthropic: 'prompt is too long')",
+    "exceed_context": "llama.cpp's 400 exceed_context_size_error ('the request exceeds the "
+    "available context size')",
+    "server_error": "a 500 for that row, every time",
+    "too_large": "OpenAI's 429 'Request too large ... Limit 30000, Requested 45000' with no "
+    "retry-after (Anthropic: 413 request_too_large)",
+    "insufficient_quota": "OpenAI's 429 insufficient_quota (Anthropic: 400 'Your credit "
+    "balance is too low')",
+    "echo_key": "200 without an answer whose error message echoes the key it was sent, as "
+    "given and upper-cased",
+}
+# Faults that still answer 200 with a (spoilt) answer; the others are error responses.
+_ANSWER_FAULTS = frozenset({"content_filter", "truncate"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +134,11 @@ class ServerConfig:
     filtered : sequence of str
         Azure route only: a prompt containing any of these words (any case) is refused by the
         "content filter", Azure's 400 with code ``content_filter``.
+    faults : mapping of str to str
+        Marker word -> fault (a key of :data:`FAULTS`): a request whose last user message
+        contains the word (any case) gets that fault, on every route and every attempt, e.g.
+        ``faults={"FILTERME": "content_filter", "BOOM": "server_error"}``. Counted in
+        ``stats()["faults"]``.
     """
 
     latency: float = 0.0
@@ -128,8 +158,15 @@ class ServerConfig:
     supports_json_schema: bool = True
     supports_json_object: bool = True
     filtered: tuple[str, ...] = ()
+    faults: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        faults = dict(self.faults.items() if isinstance(self.faults, Mapping) else self.faults)
+        unknown = sorted(set(faults.values()) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"unknown fault(s) {unknown}; the faults are {sorted(FAULTS)}")
+        # Kept as pairs: the config stays hashable and comparable.
+        object.__setattr__(self, "faults", tuple(faults.items()))
         if isinstance(self.filtered, str):
             object.__setattr__(self, "filtered", (self.filtered,))
         else:
@@ -411,6 +448,7 @@ class _Job:
     plan: _Plan
     # Anthropic has no n: alternate the echo model's answers across repeated requests instead.
     rotate: bool = False
+    fault: str | None = None  # one of _ANSWER_FAULTS: the answer is spoilt on the way out
 
 
 class _OpenAIDialect:
@@ -465,6 +503,50 @@ class _OpenAIDialect:
         message = "The engine is currently overloaded, please try again later."
         return _error(503, message, "server_error", headers=headers)
 
+    def fault(self, name: str, model: str, prompt_tokens: int, key: str) -> web.Response:
+        """The error response of fault ``name`` (see :data:`FAULTS`)."""
+        if name == "context_length":
+            message = (
+                f"This model's maximum context length is 8192 tokens. However, your messages "
+                f"resulted in {8192 + prompt_tokens} tokens ({8000 + prompt_tokens} in the "
+                "messages, 192 in the functions). Please reduce the length of the messages or "
+                "functions."
+            )
+            return _error(400, message, param="messages", code="context_length_exceeded")
+        if name == "exceed_context":
+            n_ctx = 4096
+            body = {
+                "error": {
+                    "code": 400,
+                    "message": f"request ({n_ctx + prompt_tokens} tokens) exceeds the available "
+                    f"context size ({n_ctx} tokens), try increasing it",
+                    "type": "exceed_context_size_error",
+                    "n_prompt_tokens": n_ctx + prompt_tokens,
+                    "n_ctx": n_ctx,
+                }
+            }
+            return web.json_response(body, status=400)
+        if name == "server_error":
+            message = "The server had an error while processing your request. Sorry about that!"
+            return _error(500, message, "server_error")
+        if name == "too_large":
+            message = (
+                f"Request too large for {model} in organization org-parrot on tokens per min "
+                "(TPM): Limit 30000, Requested 45000. The input or output tokens must be "
+                f"reduced in order to run successfully. {_RATE_LIMIT_DOCS}"
+            )
+            return _error(429, message, "tokens", code="rate_limit_exceeded")
+        if name == "insufficient_quota":
+            message = (
+                "You exceeded your current quota, please check your plan and billing details. "
+                "For more information on this error, read the docs: "
+                "https://platform.openai.com/docs/guides/error-codes/api-errors."
+            )
+            return _error(429, message, "insufficient_quota", code="insufficient_quota")
+        # echo_key: a proxy answering 200 with an error that repeats what it was sent.
+        message = f"Authentication failed for Bearer {key} (BEARER {key.upper()})"
+        return web.json_response({"error": {"message": message}}, status=200)
+
     def render(
         self, job: _Job, answers: list[str], ids: Iterator[int]
     ) -> tuple[dict[str, Any], int]:
@@ -475,9 +557,13 @@ class _OpenAIDialect:
             finish = plan.finish
             if job.max_out and _tokens(answer) > job.max_out:
                 answer, finish = answer[: job.max_out * 4], "length"
+            elif job.fault == "truncate":
+                answer, finish = answer[: max(1, len(answer) // 2)], "length"
             completion_tokens += _tokens(answer)
             message: dict[str, Any] = {"role": "assistant", "content": answer, "refusal": None}
-            if plan.kind == "tool":
+            if job.fault == "content_filter":
+                message["content"], finish = None, "content_filter"
+            elif plan.kind == "tool":
                 call = {"name": plan.tool, "arguments": answer}
                 message["content"] = None
                 message["tool_calls"] = [
@@ -590,6 +676,9 @@ class _AzureDialect(_OpenAIDialect):
         payload["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": clean}]
         for choice in payload["choices"]:
             choice["content_filter_results"] = clean
+            if choice["finish_reason"] == "content_filter":
+                flagged = {**clean, "violence": {"filtered": True, "severity": "high"}}
+                choice["content_filter_results"] = flagged
         return payload, completion_tokens
 
 
@@ -655,6 +744,27 @@ class _AnthropicDialect:
             return self.error(500, "api_error", "Internal server error", headers)
         return self.error(529, "overloaded_error", "Overloaded", headers)
 
+    def fault(self, name: str, model: str, prompt_tokens: int, key: str) -> web.Response:
+        """The error response of fault ``name`` (see :data:`FAULTS`)."""
+        invalid = "invalid_request_error"
+        if name in ("context_length", "exceed_context"):
+            message = f"prompt is too long: {200_000 + prompt_tokens} tokens > 200000 maximum"
+            return self.error(400, invalid, message)
+        if name == "server_error":
+            return self.error(500, "api_error", "Internal server error")
+        if name == "too_large":
+            message = "Request exceeds the maximum allowed number of bytes."
+            return self.error(413, "request_too_large", message)
+        if name == "insufficient_quota":
+            message = (
+                "Your credit balance is too low to access the Anthropic API. Please go to "
+                "Plans & Billing to upgrade or purchase credits."
+            )
+            return self.error(400, invalid, message)
+        message = f"invalid x-api-key {key} ({key.upper()})"
+        body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
+        return web.json_response(body, status=200)
+
     def render(
         self, job: _Job, answers: list[str], ids: Iterator[int]
     ) -> tuple[dict[str, Any], int]:
@@ -663,6 +773,8 @@ class _AnthropicDialect:
         stop = plan.finish
         if job.max_out and _tokens(answer) > job.max_out:
             answer, stop = answer[: job.max_out * 4], "max_tokens"
+        elif job.fault == "truncate":
+            answer, stop = answer[: max(1, len(answer) // 2)], "max_tokens"
         completion_tokens = _tokens(answer)
         number = next(ids)
         if plan.kind == "tool":
@@ -679,12 +791,15 @@ class _AnthropicDialect:
             }
         else:
             block = {"type": "text", "text": answer}
+        content = [block]
+        if job.fault == "content_filter":
+            content, stop = [], "refusal"
         payload = {
             "id": f"msg_parrot{number}",
             "type": "message",
             "role": "assistant",
             "model": job.model,
-            "content": [block],
+            "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
             "usage": {"input_tokens": job.prompt_tokens, "output_tokens": completion_tokens},
@@ -720,7 +835,7 @@ class _Stats:
 
     _FIELDS = (
         "requests", "ok", "rate_limited", "failed", "dropped", "malformed", "rejected",
-        "prompt_tokens", "completion_tokens",
+        "faults", "prompt_tokens", "completion_tokens",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -775,6 +890,7 @@ class _ChatServer:
         self._key = config.api_key.encode() if config.api_key else None
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._fault_rate = config.fail_rate + config.drop_rate + config.malformed_rate
+        self._row_faults = [(word.lower(), fault) for word, fault in config.faults]
 
     # -- small endpoints ----------------------------------------------------------------
 
@@ -802,6 +918,28 @@ class _ChatServer:
         if given is None:
             return None
         return hmac.compare_digest(given.encode(), self._key)
+
+    def _row_fault(self, prompt: str) -> str | None:
+        """The fault a prompt's marker word asks for, if any."""
+        if self._row_faults:
+            lowered = prompt.lower()
+            for word, fault in self._row_faults:
+                if word in lowered:
+                    return fault
+        return None
+
+    def _faulted(
+        self, request: web.Request, dialect: Any, fault: str, model: str, prompt_tokens: int
+    ) -> web.Response:
+        # The key as this request carried it, for the fault that echoes it.
+        given = (
+            request.headers.get("x-api-key")
+            or request.headers.get("api-key")
+            or request.headers.get("Authorization", "").removeprefix("Bearer ")
+            or "<no key>"
+        )
+        self.stats.add(faults=1, failed=int(fault == "server_error"))
+        return dialect.fault(fault, model, prompt_tokens, given)
 
     async def models(self, request: web.Request) -> web.Response:
         if (denied := self._check_auth(request)) is not None:
@@ -912,6 +1050,9 @@ class _ChatServer:
         prompt_tokens = sum(_tokens(t) for t in texts)
         for schema in plan.schemas:
             prompt_tokens += _tokens(json.dumps(schema))
+        fault = self._row_fault(prompt)
+        if fault is not None and fault not in _ANSWER_FAULTS:
+            return self._faulted(request, dialect, fault, model, prompt_tokens)
 
         if cfg.context_window is not None and prompt_tokens + max_out > cfg.context_window:
             if max_out:
@@ -927,7 +1068,7 @@ class _ChatServer:
                 )
             message = f"This model's maximum context length is {cfg.context_window} tokens. "
             return _error(400, message + detail, param="messages", code="context_length_exceeded")
-        job = _Job(model, prompt, prompt_tokens, max_out, n, plan)
+        job = _Job(model, prompt, prompt_tokens, max_out, n, plan, fault=fault)
         return await self._serve(request, dialect, job)
 
     def _validate(self, body: dict[str, Any]) -> web.Response | None:
@@ -1053,6 +1194,9 @@ class _ChatServer:
         prompt_tokens = _tokens(system) + sum(_tokens(_text(m.get("content"))) for m in messages)
         for schema in plan.schemas:
             prompt_tokens += _tokens(json.dumps(schema))
+        fault = self._row_fault(prompt)
+        if fault is not None and fault not in _ANSWER_FAULTS:
+            return self._faulted(request, _ANTHROPIC, fault, model, prompt_tokens)
         window = cfg.context_window
         if window is not None and prompt_tokens > window:
             message = f"prompt is too long: {prompt_tokens} tokens > {window} maximum"
@@ -1063,7 +1207,7 @@ class _ChatServer:
                 f"{max_out} > {window}, decrease input length or `max_tokens` and try again"
             )
             return error(400, "invalid_request_error", message)
-        job = _Job(model, prompt, prompt_tokens, max_out, 1, plan, rotate=True)
+        job = _Job(model, prompt, prompt_tokens, max_out, 1, plan, rotate=True, fault=fault)
         return await self._serve(request, _ANTHROPIC, job)
 
     def _validate_messages(self, body: Any) -> web.Response | None:
@@ -1184,6 +1328,7 @@ class _ChatServer:
         payload, completion_tokens = dialect.render(job, answers, self._ids)
         with self.stats.lock:
             self.stats.ok += 1
+            self.stats.faults += job.fault is not None
             self.stats.malformed += malformed
             self.stats.prompt_tokens += job.prompt_tokens
             self.stats.completion_tokens += completion_tokens
@@ -1364,7 +1509,8 @@ class FakeServer:
         dict
             ``requests`` (every POST to a chat route: OpenAI, Anthropic or Azure), ``ok``
             (200s, malformed ones included), ``rate_limited`` (429s), ``failed`` (injected
-            5xx), ``dropped``, ``malformed``, ``rejected`` (other 4xx), ``by_prompt`` (a
+            5xx), ``dropped``, ``malformed``, ``rejected`` (other 4xx), ``faults`` (responses
+            spoilt by ``ServerConfig.faults``, whatever their status), ``by_prompt`` (a
             ``Counter``: last user message -> 200 answers), ``in_flight``, ``max_in_flight``
             (peak concurrent requests in the handler), ``prompt_tokens`` and
             ``completion_tokens`` (of 200s).
@@ -1478,6 +1624,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--supports-json-schema", action=yes_no, default=True)
     p.add_argument("--supports-json-object", action=yes_no, default=True)
     p.add_argument("--filtered", nargs="+", default=(), help="words Azure's filter refuses")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="WORD=FAULT",
+        help=f"fail prompts containing WORD with FAULT, one of {', '.join(sorted(FAULTS))}",
+    )
     return p
 
 
@@ -1509,6 +1662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = vars(_parser().parse_args(argv))
     host, port = args.pop("host"), args.pop("port")
+    args["faults"] = dict(pair.partition("=")[::2] for pair in args.pop("fault"))
     server = FakeServer(ServerConfig(**args), host=host, port=port)
     try:
         asyncio.run(_serve(server))

@@ -1,14 +1,96 @@
-"""Shared fixtures: a clean environment, a private cache file, and local servers."""
+"""Shared fixtures: a clean environment, a private cache file, local servers, a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
 
 import parrot_pandas  # noqa: F401  (registers DataFrame.llm)
+from parrot_pandas._limits import RateBudget
 from parrot_pandas.testing import FakeServer
+
+
+class FakeClock:
+    """Virtual time for asyncio code: nothing waits for real.
+
+    ``clock()`` reads the time; ``await clock.sleep(s)`` returns once the clock reaches its
+    deadline. The clock jumps to the earliest deadline only after every other task has run as
+    far as it can, so concurrent sleepers overlap as they would in real time (a request that
+    sleeps 0.05 s next to others still measures 0.05 s).
+    """
+
+    # Loop iterations granted to runnable tasks before time moves: enough for a chain of
+    # futures (a gate, a lock, a queue) to settle.
+    _SETTLE = 20
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.slept: list[float] = []  # every sleep asked for, in order
+        self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._driver: asyncio.Task[None] | None = None
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock by hand (for code that only reads it)."""
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        loop = asyncio.get_running_loop()
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        wake = loop.create_future()
+        heapq.heappush(self._timers, (self.now + seconds, next(self._order), wake))
+        if self._driver is None or self._driver.done():
+            self._driver = loop.create_task(self._drive())
+        await wake
+
+    async def _drive(self) -> None:
+        while self._timers:
+            for _ in range(self._SETTLE):
+                await asyncio.sleep(0)
+            when, _, wake = heapq.heappop(self._timers)
+            self.now = max(self.now, when)
+            if not wake.done():
+                wake.set_result(None)
+
+
+class RecordingBudget(RateBudget):
+    """A RateBudget that remembers every pause it was asked for."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pauses: list[float] = []
+
+    def pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        super().pause(seconds)
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """Virtual time: pass ``fake_clock`` as a clock and ``fake_clock.sleep`` as a sleep."""
+    return FakeClock()
+
+
+@pytest.fixture
+def recording_budget(fake_clock: FakeClock) -> Callable[..., RecordingBudget]:
+    """Make RecordingBudgets that run on the fake clock: ``recording_budget(rpm=600)``."""
+
+    def make(**limits: Any) -> RecordingBudget:
+        return RecordingBudget(clock=fake_clock, sleep=fake_clock.sleep, **limits)
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 from aioresponses import aioresponses
 
 from parrot_pandas._client import Client
-from parrot_pandas.errors import APIConnectionError, APIError, StructuredOutputError
+from parrot_pandas.errors import APIConnectionError, APIError, StructuredOutputError, Verdict
 from parrot_pandas.providers import Call, Completion, OpenAIProvider
 
 KEY = "sk-test-0123456789abcdef"
@@ -119,13 +119,24 @@ async def test_an_error_status_is_an_api_error(mock, status, retryable):
     mock.post(URL, status=status, payload=body)
     error = await failure()
     assert type(error) is APIError
-    assert (error.status, error.message, error.code) == (
-        status,
-        f"failed with {status}",
-        f"c{status}",
-    )
+    assert (error.status, error.code) == (status, f"c{status}")
+    assert error.message.startswith(f"failed with {status}")
     assert error.retryable is retryable
-    assert str(error) == f"HTTP {status}: failed with {status}"
+    assert str(error).startswith(f"HTTP {status}: failed with {status}")
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_a_run_level_refusal_shows_the_url_requested(mock, status):
+    # A wrong base_url answers 404 (or a proxy's 401): the message says where the request went.
+    mock.post(URL, status=status, payload={"error": {"message": "Invalid URL"}})
+    error = await failure()
+    assert error.verdict.scope == "run"
+    assert error.message == f"Invalid URL (POST {URL})"
+
+
+async def test_a_rows_own_error_does_not_repeat_the_url(mock):
+    mock.post(URL, status=400, payload={"error": {"message": "odd prompt"}})
+    assert (await failure()).message == "odd prompt"
 
 
 async def test_a_429_carries_retry_after_and_limits(mock):
@@ -165,7 +176,8 @@ async def test_a_vllm_error_body(mock):
         payload={"object": "error", "message": "bad model", "type": "NotFoundError", "code": 404},
     )
     error = await failure()
-    assert (error.message, error.code) == ("bad model", "NotFoundError")
+    assert error.message.startswith("bad model") and error.code == "NotFoundError"
+    assert error.verdict.reason == "not_found"
 
 
 @pytest.mark.parametrize(
@@ -207,6 +219,23 @@ async def test_a_2xx_without_choices_is_a_structured_output_error(mock):
         await send()
 
 
+async def test_unusable_choices_come_back_as_problems(mock):
+    body = {"choices": [{"message": {"content": "cut"}, "finish_reason": "length"}]}
+    mock.post(URL, payload=body)
+    completion = await send()
+    assert completion.texts == () and completion.problems[0].verdict.reason == "truncated"
+
+
+async def test_an_unreachable_server_is_the_runs_failure_after_retries():
+    # Nothing listens on port 9: retried (the server may be starting), and then no row can
+    # succeed, so the run stops instead of every row paying its own retries.
+    async with Client(OpenAIProvider("http://127.0.0.1:9/v1"), timeout=5) as client:
+        with pytest.raises(APIConnectionError) as info:
+            await client.send(CALL)
+    assert info.value.verdict == Verdict("run", True, "unreachable")
+    assert "(POST http://127.0.0.1:9/v1/chat/completions)" in info.value.message
+
+
 # -- the key never leaks ------------------------------------------------------------------------
 
 
@@ -222,14 +251,14 @@ async def test_a_key_echoed_in_an_error_message_is_scrubbed(mock):
         },
     )
     error = await failure()
-    assert error.message == "Incorrect API key provided: ***. Twice: ***"
+    assert error.message == f"Incorrect API key provided: ***. Twice: *** (POST {URL})"
     assert_no_key(error)
 
 
 async def test_a_key_echoed_in_a_plain_text_error_is_scrubbed(mock):
     mock.post(URL, status=403, body=f"forbidden for Bearer {KEY}")
     error = await failure()
-    assert error.message == "forbidden for Bearer ***"
+    assert error.message == f"forbidden for Bearer *** (POST {URL})"
     assert_no_key(error)
 
 
@@ -245,6 +274,36 @@ async def test_a_key_in_a_connection_error_is_scrubbed(mock):
 async def test_a_key_in_an_unreadable_2xx_body_is_scrubbed(mock):
     mock.post(URL, status=200, body=f"echo Authorization: Bearer {KEY}")
     assert_no_key(await failure())
+
+
+async def test_a_key_in_a_200_error_body_is_scrubbed_in_any_letter_case(mock):
+    # The leak: a 200 without choices whose error text echoes the key went out as is.
+    message = f"Authentication failed for Bearer {KEY} (BEARER {KEY.upper()})"
+    mock.post(URL, status=200, payload={"error": {"message": message}})
+    error = await failure()
+    assert error.message.endswith("Authentication failed for Bearer *** (BEARER ***)")
+    assert_no_key(error)
+    assert KEY.upper() not in str(error)
+
+
+async def test_a_key_in_an_unusable_answer_is_scrubbed(mock):
+    body = {"choices": [{"message": {"content": None, "refusal": f"no, {KEY}"}}]}
+    mock.post(URL, payload=body)
+    (problem,) = (await send()).problems
+    assert KEY not in problem.message and "no, ***" in problem.message
+
+
+async def test_a_secret_in_the_base_url_query_is_never_shown(mock):
+    base = "http://llm.test/v1?api-key=query-secret-0123456789"
+    url = base + "/chat/completions"
+    provider = OpenAIProvider(base, KEY)
+    mock.post(provider.build(CALL).url, exception=aiohttp.InvalidURL(url))
+    async with Client(provider, timeout=5, secret=KEY) as client:
+        with pytest.raises(APIConnectionError) as info:
+            await client.send(CALL)
+    shown = "".join(traceback.format_exception(info.value))
+    assert "query-secret-0123456789" not in shown
+    assert "api-key=***" in info.value.message
 
 
 async def test_without_a_secret_nothing_is_scrubbed(mock):

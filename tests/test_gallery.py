@@ -95,8 +95,8 @@ def test_summarize(execute: Execute) -> None:
     out = execute("summarize")
     assert re.search(r"at http://127\.0\.0\.1:\d+/v1 \(stand-in\)", out["setup"])
 
-    # Every release with text got a summary (the republished one shares its answer); the
-    # stand-in's echo is cut off at max_tokens=60, so about 240 characters.
+    # Every release with text got a summary (the republished one shares its answer): the
+    # stand-in's echo fits max_tokens=100 (an answer cut at max_tokens would be a row error).
     assert out["generate"].count("echo: ") == 5
     assert re.search(r"^PR-106\s+(<NA>|NaN)\s*$", out["generate"], re.M)  # under embargo
 
@@ -104,7 +104,7 @@ def test_summarize(execute: Execute) -> None:
     compare = out["compare"]
     for key, value in (("rows", 6), ("skipped_rows", 1), ("requests", 4)):
         assert re.search(rf"^{key}\s+{value}\s+{value}\s*$", compare, re.M), compare
-    assert re.search(r"^completion_tokens\s+240\s+\d+\s*$", compare, re.M)  # 4 x max_tokens
+    assert re.search(r"^completion_tokens\s+400\s+\d+\s*$", compare, re.M)  # 4 x max_tokens
 
     # Asking again finds everything in the cache: nothing to send, nothing to pay.
     assert _counts(out["again"]) == {"rows": 6, "cached_rows": 5, "requests": 0}

@@ -210,13 +210,14 @@ def test_generate_answers_every_row(local_model: LocalModelServer, people: pd.Da
 def test_generate_n_asks_again_for_the_samples_the_server_did_not_give(
     local_model: LocalModelServer, people: pd.DataFrame
 ) -> None:
-    # llama-cpp-python's server ignores `n`: one choice per request.
+    # llama-cpp-python's server ignores `n`: one choice per request. The answer ends at its
+    # first full stop: one cut at max_tokens would be a row error, not a sample.
     out = people.llm.generate(
         "Write a short sentence about: ${text}",
         output="answer",
         base_url=local_model.url,
         n=2,
-        **{**OPTIONS, "temperature": 1.0, "max_tokens": 24},
+        **{**OPTIONS, "temperature": 1.0, "max_tokens": 64, "stop": ["."]},
     )
 
     assert out.attrs["llm"]["requests"] == 2 * len(people)

@@ -7,7 +7,6 @@ and whole runs through ``df.llm`` against that server.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from parrot_pandas._client import Client
 from parrot_pandas._config import RunConfig
-from parrot_pandas._limits import RateBudget
 from parrot_pandas._plan import RequestPlan
 from parrot_pandas._scheduler import Scheduler
 from parrot_pandas._structured import items_schema, normalize_fields
@@ -28,6 +26,7 @@ from parrot_pandas.errors import (
     ConfigurationError,
     RowsFailedError,
     StructuredOutputError,
+    Verdict,
 )
 from parrot_pandas.providers import AnthropicProvider, Call, provider_for
 from parrot_pandas.providers.anthropic import (
@@ -219,23 +218,54 @@ def test_an_empty_content_list_gives_no_answer():
     assert AnthropicProvider(URL).parse(call(), message(), {}).texts == ()
 
 
-@pytest.mark.parametrize("body", [{"type": "message"}, {"content": None}, {"error": "x"}])
+@pytest.mark.parametrize("body", [{"type": "message"}, {"content": None}, {"id": "msg_1"}])
 def test_a_body_without_content_is_a_structured_output_error(body):
-    with pytest.raises(StructuredOutputError, match="no 'content'"):
+    with pytest.raises(StructuredOutputError, match="no 'content'") as info:
         AnthropicProvider(URL).parse(call(), body, {})
+    assert info.value.retryable
 
 
-def test_a_refusal_says_so():
-    with pytest.raises(StructuredOutputError, match="declined"):
-        AnthropicProvider(URL).parse(call(), message(stop="refusal"), {})
+def test_a_200_whose_body_is_an_error_is_judged_like_that_error():
+    body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    with pytest.raises(APIError, match="Overloaded") as info:
+        AnthropicProvider(URL).parse(call(), body, {})
+    assert info.value.verdict == Verdict("row", True, "transient")
 
 
-def test_a_structured_answer_cut_at_max_tokens_says_how_to_fix_it():
+def test_a_refusal_is_the_rows_and_final():
+    completion = AnthropicProvider(URL).parse(call(), message(stop="refusal"), {})
+    (problem,) = completion.problems
+    assert "declined" in problem.message and problem.verdict == Verdict("row", False, "refusal")
+
+
+@pytest.mark.parametrize("kind", [{}, {"schema": SCHEMA, "strategy": "prompt"}])
+def test_an_answer_cut_at_max_tokens_says_what_to_raise_it_to(kind):
+    # Free text cut short is as wrong as cut JSON: a row error, never a silent success.
     body = message({"type": "text", "text": '{"items": [{"na'}, stop="max_tokens")
-    with pytest.raises(StructuredOutputError, match="larger max_tokens"):
-        AnthropicProvider(URL).parse(call(schema=SCHEMA, strategy="prompt"), body, {})
-    # Free text cut short is still an answer, as OpenAI's finish_reason "length" is.
-    assert AnthropicProvider(URL).parse(call(), body, {}).texts
+    completion = AnthropicProvider(URL).parse(call(params={"max_tokens": 50}, **kind), body, {})
+    (problem,) = completion.problems
+    assert completion.texts == () and problem.verdict == Verdict("row", False, "truncated")
+    assert "pass max_tokens=100 (twice the current 50)" in problem.message
+
+
+def test_without_max_tokens_the_default_is_the_one_to_raise():
+    body = message({"type": "text", "text": "cut"}, stop="max_tokens")
+    (problem,) = AnthropicProvider(URL).parse(call(), body, {}).problems
+    assert f"max_tokens={2 * DEFAULT_MAX_TOKENS}" in problem.message
+
+
+def test_an_answer_that_filled_the_context_window_is_truncated():
+    body = message({"type": "text", "text": "cut"}, stop="model_context_window_exceeded")
+    (problem,) = AnthropicProvider(URL).parse(call(), body, {}).problems
+    assert problem.verdict == Verdict("row", False, "truncated")
+
+
+@pytest.mark.parametrize(("strategy", "scope"), [("tools", "strategy"), ("json_object", "row")])
+def test_a_structured_answer_with_no_json_at_all(strategy, scope):
+    body = message({"type": "text", "text": "Sure! Here you go."})
+    structured = call(schema=SCHEMA, strategy=strategy)
+    (problem,) = AnthropicProvider(URL).parse(structured, body, {}).problems
+    assert problem.verdict == Verdict(scope, True, "unstructured")
 
 
 # -- errors and rate limits ----------------------------------------------------------------------
@@ -247,7 +277,7 @@ def test_error_in_anthropic_shape():
         "error": {"type": "overloaded_error", "message": "Overloaded"},
         "request_id": "req_1",
     }
-    error = AnthropicProvider(URL).error(529, body, headers())
+    error = AnthropicProvider(URL).error(call(), 529, body, headers())
     assert isinstance(error, APIError)
     assert (error.status, error.code, error.message) == (529, "overloaded_error", "Overloaded")
     assert error.retryable  # 529 is in the retried 5xx range
@@ -255,13 +285,61 @@ def test_error_in_anthropic_shape():
 
 def test_rate_limit_error_carries_retry_after():
     body = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
-    error = AnthropicProvider(URL).error(429, body, headers(retry_after="7"))
+    error = AnthropicProvider(URL).error(call(), 429, body, headers(retry_after="7"))
     assert (error.code, error.retry_after, error.retryable) == ("rate_limit_error", 7.0, True)
 
 
 def test_an_unreadable_error_body_still_gives_a_message():
-    error = AnthropicProvider(URL).error(502, "<html>Bad gateway</html>", headers())
+    error = AnthropicProvider(URL).error(call(), 502, "<html>Bad gateway</html>", headers())
     assert "Bad gateway" in error.message
+
+
+def anthropic_error(type_: str, message: str, **extra) -> dict:
+    return {"type": "error", "error": {"type": type_, "message": message, **extra}}
+
+
+TOOLS = {"schema": SCHEMA, "strategy": "tools"}
+
+VERDICTS = [
+    (401, anthropic_error("authentication_error", "invalid x-api-key"), {},
+     "run", False, "refused"),
+    (403, anthropic_error("permission_error", "Your API key does not have permission"), {},
+     "run", False, "refused"),
+    (402, anthropic_error("billing_error", "Payment required"), {}, "run", False, "quota"),
+    (400, anthropic_error("invalid_request_error", "Your credit balance is too low to access "
+                          "the Anthropic API. Please go to Plans & Billing to upgrade or "
+                          "purchase credits."), {}, "run", False, "quota"),
+    (429, anthropic_error("rate_limit_error", "You have reached your monthly spend limit",
+                          details={"error_code": "enforced_spend_limit_reached"}), {},
+     "run", False, "quota"),
+    (404, anthropic_error("not_found_error", "model: claude-9"), {}, "run", False, "not_found"),
+    (413, anthropic_error("request_too_large", "Request exceeds the maximum allowed number of "
+                          "bytes."), {}, "row", False, "request_too_large"),
+    (429, anthropic_error("rate_limit_error", "This request would exceed the rate limit"), {},
+     "row", True, "rate_limited"),
+    (400, anthropic_error("invalid_request_error", "prompt is too long: 210000 tokens > 200000 "
+                          "maximum"), TOOLS, "row", False, "context_length"),
+    (400, anthropic_error("invalid_request_error", "input length and `max_tokens` exceed "
+                          "context limit: 199000 + 4096 > 200000, decrease input length or "
+                          "`max_tokens` and try again"), {}, "row", False, "context_length"),
+    (400, anthropic_error("invalid_request_error", "tools: tool use is not supported"), TOOLS,
+     "strategy", False, "unsupported_strategy"),
+    (400, anthropic_error("invalid_request_error", "output_config: Extra inputs are not "
+                          "permitted"), {"schema": SCHEMA, "strategy": "json_schema"},
+     "strategy", False, "unsupported_strategy"),
+    (400, anthropic_error("invalid_request_error", "temperature: Input should be less than or "
+                          "equal to 1"), {}, "run", False, "bad_parameter"),
+    (400, anthropic_error("invalid_request_error", "messages.0.content: Input should be a valid "
+                          "list"), {}, "row", False, "rejected"),
+    (500, anthropic_error("api_error", "Internal server error"), {}, "row", True, "transient"),
+    (529, anthropic_error("overloaded_error", "Overloaded"), {}, "row", True, "transient"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "body", "kind", "scope", "retry", "reason"), VERDICTS)
+def test_the_verdict_table(status, body, kind, scope, retry, reason):
+    error = AnthropicProvider(URL).error(call(**kind), status, body, headers())
+    assert error.verdict == Verdict(scope, retry, reason)
 
 
 def test_limits_read_rfc3339_resets_as_seconds_from_now():
@@ -665,40 +743,24 @@ def test_row_errors_raise_with_the_partial_result(server_factory):
 # -- a 429 with Anthropic's headers pauses the whole budget (fake clock: no real waiting) --------
 
 
-class RecordingBudget(RateBudget):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.pauses: list[float] = []
-
-    def pause(self, seconds: float) -> None:
-        self.pauses.append(seconds)
-        super().pause(seconds)
-
-
-async def test_a_429_pauses_the_budget_for_retry_after():
-    now = [0.0]
-
-    def clock() -> float:
-        return now[0]
-
-    async def sleep(seconds: float) -> None:
-        now[0] += seconds
-        await asyncio.sleep(0)
-
-    async with FakeServer(rpm=60, clock=clock) as server:  # one request per second
+async def test_a_429_pauses_the_budget_for_retry_after(fake_clock, recording_budget):
+    async with FakeServer(rpm=60, clock=fake_clock) as server:  # one request per second
         # Another client of the same key takes the only request the server has right now.
         status, _ = await post_messages(
             server, {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "q"}]}
         )
         assert status == 200
         config = RunConfig.from_options(**run_options(server, cache=False, max_concurrency=2), n=1)
-        budget = RecordingBudget(clock=clock, sleep=sleep)
+        budget = recording_budget()
+        start = fake_clock()
         async with Client(provider_for(config), secret=KEY) as client:
-            scheduler = Scheduler(RequestPlan(config), client, budget, retry_factor=0.0)
+            scheduler = Scheduler(
+                RequestPlan(config), client, budget, clock=fake_clock, sleep=fake_clock.sleep
+            )
             outcome = await scheduler.run(iter(["a", "b", "c"]), rows=3)
         stats = server.stats()
     assert [job.values for job in outcome] == [["echo: a"], ["echo: b"], ["echo: c"]]
     assert stats["rate_limited"] >= 1
     assert budget.pauses[0] == pytest.approx(1.0)  # retry-after, in seconds
     assert budget.rpm == 60  # learnt from anthropic-ratelimit-requests-limit
-    assert now[0] >= 1.0  # the run waited (on the fake clock) instead of hammering
+    assert fake_clock() - start >= 1.0  # the run waited (on the fake clock), not hammered

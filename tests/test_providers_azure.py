@@ -7,7 +7,6 @@ whole runs through ``df.llm`` against it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -17,11 +16,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from parrot_pandas._client import Client
 from parrot_pandas._config import RunConfig
-from parrot_pandas._limits import RateBudget
 from parrot_pandas._plan import RequestPlan
 from parrot_pandas._scheduler import Scheduler
 from parrot_pandas._structured import items_schema, normalize_fields
-from parrot_pandas.errors import APIError, ConfigurationError, StructuredOutputError
+from parrot_pandas.errors import RATE_LIMITED, APIError, ConfigurationError, Verdict
 from parrot_pandas.providers import AzureOpenAIProvider, Call, OpenAIProvider, provider_for
 from parrot_pandas.testing import FakeServer
 
@@ -131,28 +129,33 @@ def test_an_answer_withheld_by_the_content_filter_says_so():
             {"index": 0, "message": {"role": "assistant"}, "finish_reason": "content_filter"}
         ]
     }
-    with pytest.raises(StructuredOutputError, match="content filter withheld"):
-        provider().parse(call(), body, {})
+    (problem,) = provider().parse(call(), body, {}).problems
+    assert "content filter withheld" in problem.message
+    assert problem.verdict == Verdict("row", False, "content_filter")  # never asked again
 
 
 def test_the_content_filter_400_is_recognisable_as_a_rows_own_error():
-    error = provider().error(400, FILTER_400, {})
+    error = provider().error(call(), 400, FILTER_400, {})
     assert (error.status, error.code, error.retryable) == (400, "content_filter", False)
+    assert error.verdict == Verdict("row", False, "content_filter")
     assert "content filter" in error.message.lower()
     bare = {"error": {"code": "content_filter", "message": "Blocked."}}
-    assert provider().error(400, bare, {}).message == "Azure content filter: Blocked."
+    assert provider().error(call(), 400, bare, {}).message == "Azure content filter: Blocked."
 
 
 def test_a_missing_deployment_says_model_is_the_deployment():
     body = {"error": {"code": "DeploymentNotFound", "message": "The API deployment ..."}}
-    assert "model= is the deployment name" in provider().error(404, body, {}).message
+    error = provider().error(call(), 404, body, {})
+    assert "model= is the deployment name" in error.message
+    assert error.verdict == Verdict("run", False, "not_found")
 
 
 def test_azure_429_carries_retry_after_ms():
     body = {"error": {"code": "429", "message": "Please retry after 2 seconds."}}
     headers = CIMultiDictProxy(CIMultiDict({"retry-after-ms": "1500", "retry-after": "2"}))
-    error = provider().error(429, body, headers)
+    error = provider().error(call(), 429, body, headers)
     assert (error.code, error.retry_after, error.retryable) == ("429", 1.5, True)
+    assert error.verdict == RATE_LIMITED  # every worker waits
 
 
 # -- configuration: as the OpenAI SDK's AzureOpenAI reads it --------------------------------------
@@ -369,37 +372,21 @@ def test_the_key_never_leaks(azure_server, tmp_path, caplog):
     assert KEY.encode() not in cache.read_bytes()
 
 
-class RecordingBudget(RateBudget):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.pauses: list[float] = []
-
-    def pause(self, seconds: float) -> None:
-        self.pauses.append(seconds)
-        super().pause(seconds)
-
-
-async def test_a_429_pauses_the_budget_for_retry_after_ms():
-    now = [0.0]
-
-    def clock() -> float:
-        return now[0]
-
-    async def sleep(seconds: float) -> None:
-        now[0] += seconds
-        await asyncio.sleep(0)
-
-    async with FakeServer(rpm=120, clock=clock) as server:  # two requests, refilled at 2/s
+async def test_a_429_pauses_the_budget_for_retry_after_ms(fake_clock, recording_budget):
+    async with FakeServer(rpm=120, clock=fake_clock) as server:  # two requests, refilled at 2/s
         config = RunConfig.from_options(**run_options(server, cache=False, max_concurrency=4))
-        budget = RecordingBudget(clock=clock, sleep=sleep)
+        budget = recording_budget()
+        start = fake_clock()
         async with Client(provider_for(config), secret=KEY) as client:
             # Another client of the same deployment empties the server's bucket first.
             for prompt in ("other", "other 2"):
                 await client.send(RequestPlan(config).call(prompt, 1))
-            scheduler = Scheduler(RequestPlan(config), client, budget, retry_factor=0.0)
+            scheduler = Scheduler(
+                RequestPlan(config), client, budget, clock=fake_clock, sleep=fake_clock.sleep
+            )
             outcome = await scheduler.run(iter(["a", "b", "c"]), rows=3)
         stats = server.stats()
     assert [job.values for job in outcome] == [["echo: a"], ["echo: b"], ["echo: c"]]
     assert stats["rate_limited"] >= 1
     assert budget.pauses[0] == pytest.approx(0.5)  # retry-after-ms, not the rounded retry-after
-    assert now[0] >= 0.5
+    assert fake_clock() - start >= 0.5

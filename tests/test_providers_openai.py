@@ -9,7 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from parrot_pandas._config import RunConfig
 from parrot_pandas._limits import LimitInfo
-from parrot_pandas.errors import APIError, StructuredOutputError
+from parrot_pandas.errors import APIError, StructuredOutputError, Verdict
 from parrot_pandas.providers import Call, Completion, OpenAIProvider, provider_for
 from parrot_pandas.providers.openai import TOOL_NAME
 
@@ -229,7 +229,10 @@ def test_choices_without_an_answer_are_left_out():
     body = response({"content": None, "refusal": "I can't"}, {"content": "ok"})
     body["choices"].append({"index": 2})
     body["choices"].append("junk")
-    assert OpenAIProvider(URL).parse(call(n=4), body, headers()).texts == ("ok",)
+    completion = OpenAIProvider(URL).parse(call(n=4), body, headers())
+    assert completion.texts == ("ok",)
+    (refused,) = completion.problems  # the model's refusal is that row's, and final
+    assert refused.verdict == Verdict("row", False, "refusal") and "I can't" in refused.message
 
 
 def test_an_empty_string_answer_is_an_answer():
@@ -243,7 +246,6 @@ def test_an_empty_string_answer_is_an_answer():
         ({"choices": None}, "'choices': None"),  # vLLM under load
         ({"choices": "nope"}, "nope"),
         ([{"choices": []}], "[{'choices': []}]"),
-        ({"error": {"message": "context too long"}}, "the server said: context too long"),
     ],
 )
 def test_a_body_without_choices_is_a_structured_output_error(body, detail):
@@ -251,6 +253,89 @@ def test_a_body_without_choices_is_a_structured_output_error(body, detail):
         OpenAIProvider(URL).parse(call(), body, headers())
     assert detail in str(info.value)
     assert info.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "verdict"),
+    [
+        # vLLM: a 200 whose body is the error, with the status inside.
+        (
+            {"error": {"message": "maximum context length is 2048", "code": 400}},
+            400,
+            Verdict("row", False, "context_length"),
+        ),
+        (
+            {"error": {"message": "Incorrect API key", "code": "invalid_api_key"}},
+            None,
+            Verdict("run", False, "refused"),
+        ),
+        ({"error": {"message": "something broke"}}, None, Verdict("row", True, "transient")),
+    ],
+)
+def test_a_200_whose_body_is_an_error_is_judged_like_that_error(body, status, verdict):
+    with pytest.raises(APIError, match="answered 200 with an error") as info:
+        OpenAIProvider(URL).parse(call(), body, headers(retry_after="2"))
+    assert (info.value.status, info.value.verdict) == (status, verdict)
+    assert info.value.limits.retry_after == 2.0
+
+
+# -- finish_reason ------------------------------------------------------------------------------
+
+
+def choice(finish: str, **message) -> dict:
+    body = response({"content": "cut her", **message})
+    body["choices"][0]["finish_reason"] = finish
+    return body
+
+
+@pytest.mark.parametrize(
+    ("params", "fix"),
+    [
+        ({"max_tokens": 100}, "pass max_tokens=200 (twice the current 100)"),
+        ({"max_completion_tokens": 64}, "pass max_completion_tokens=128 (twice the current 64)"),
+        ({}, "no max_tokens was set"),
+    ],
+)
+def test_an_answer_cut_at_max_tokens_is_a_row_error_that_says_what_to_raise(params, fix):
+    completion = OpenAIProvider(URL).parse(call(params=params), choice("length"), headers())
+    assert completion.texts == ()  # never a silent success
+    (problem,) = completion.problems
+    assert problem.verdict == Verdict("row", False, "truncated")
+    assert "finish_reason 'length'" in problem.message and fix in problem.message
+
+
+def test_a_structured_answer_cut_at_max_tokens_is_a_truncation_not_invalid_json():
+    structured = call(schema=SCHEMA, strategy="json_schema", params={"max_tokens": 8})
+    body = choice("length", content='{"items": [{"na')
+    (problem,) = OpenAIProvider(URL).parse(structured, body, headers()).problems
+    assert problem.verdict.reason == "truncated" and not problem.retryable
+
+
+def test_an_answer_withheld_by_the_content_filter_is_the_rows_and_final():
+    body = choice("content_filter", content=None)
+    (problem,) = OpenAIProvider(URL).parse(call(), body, headers()).problems
+    assert problem.verdict == Verdict("row", False, "content_filter")
+
+
+@pytest.mark.parametrize("finish", ["stop", "tool_calls", "function_call", None])
+def test_an_answer_that_ended_on_its_own_is_whole(finish):
+    completion = OpenAIProvider(URL).parse(call(), choice(finish), headers())
+    assert completion.texts == ("cut her",) and completion.problems == ()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "scope"),
+    [("tools", "strategy"), ("json_schema", "strategy"), ("json_object", "strategy"),
+     ("prompt", "row")],
+)  # fmt: skip
+def test_a_structured_answer_with_no_json_at_all(strategy, scope):
+    # A server that ignores the tool or response format answers in prose: with a parameter
+    # sent, that is the strategy's verdict (the setup request falls back); without, the row's.
+    body = response({"content": "Sure! Here you go."})
+    structured = call(schema=SCHEMA, strategy=strategy)
+    (problem,) = OpenAIProvider(URL).parse(structured, body, headers()).problems
+    assert problem.verdict == Verdict(scope, True, "unstructured")
+    assert OpenAIProvider(URL).parse(structured, response({"content": "[]"}), headers()).texts
 
 
 # -- error --------------------------------------------------------------------------------------
@@ -265,7 +350,7 @@ def test_error_in_openai_shape():
             "code": "invalid_api_key",
         }
     }
-    error = OpenAIProvider(URL).error(401, body, headers())
+    error = OpenAIProvider(URL).error(call(), 401, body, headers())
     assert isinstance(error, APIError)
     assert (error.status, error.code, error.retry_after) == (401, "invalid_api_key", None)
     assert error.message == "Incorrect API key provided: sk-proj-****abcd."
@@ -275,7 +360,7 @@ def test_error_in_openai_shape():
 
 def test_error_without_a_code_uses_the_type():
     body = {"error": {"message": "slow down", "type": "requests", "code": None}}
-    assert OpenAIProvider(URL).error(429, body, headers()).code == "requests"
+    assert OpenAIProvider(URL).error(call(), 429, body, headers()).code == "requests"
 
 
 @pytest.mark.parametrize(
@@ -299,7 +384,7 @@ def test_error_without_a_code_uses_the_type():
     ],
 )
 def test_error_in_vllm_shape(body):
-    error = OpenAIProvider(URL).error(400, body, headers())
+    error = OpenAIProvider(URL).error(call(), 400, body, headers())
     assert (error.message, error.code, error.status) == (
         "maximum context length is 2048",
         "BadRequestError",
@@ -308,32 +393,134 @@ def test_error_in_vllm_shape(body):
 
 
 def test_error_as_a_string_field():  # Ollama
-    error = OpenAIProvider(URL).error(404, {"error": "model 'llama9' not found"}, headers())
+    error = OpenAIProvider(URL).error(call(), 404, {"error": "model 'llama9' not found"}, headers())
     assert (error.message, error.code) == ("model 'llama9' not found", None)
 
 
 def test_error_as_a_fastapi_detail():  # a base_url without /v1 on a FastAPI server
-    assert OpenAIProvider(URL).error(404, {"detail": "Not Found"}, headers()).message == "Not Found"
+    assert (
+        OpenAIProvider(URL).error(call(), 404, {"detail": "Not Found"}, headers()).message
+        == "Not Found"
+    )
 
 
 def test_error_with_a_plain_text_body():
-    error = OpenAIProvider(URL).error(502, "  <html>Bad Gateway</html>\n", headers())
+    error = OpenAIProvider(URL).error(call(), 502, "  <html>Bad Gateway</html>\n", headers())
     assert error.message == "<html>Bad Gateway</html>"
     assert error.retryable
-    long = OpenAIProvider(URL).error(500, "x" * 2000, headers())
+    long = OpenAIProvider(URL).error(call(), 500, "x" * 2000, headers())
     assert len(long.message) == 500
 
 
 @pytest.mark.parametrize("body", [None, "", {}, {"error": {}}, [1, 2], 42])
 def test_error_without_a_message_says_so(body):
-    error = OpenAIProvider(URL).error(503, body, headers())
+    error = OpenAIProvider(URL).error(call(), 503, body, headers())
     assert error.message == "the server answered HTTP 503 with no error message"
     assert error.status == 503
 
 
 def test_error_carries_retry_after():
-    assert OpenAIProvider(URL).error(429, {}, headers(retry_after="3")).retry_after == 3.0
-    assert OpenAIProvider(URL).error(429, {}, headers(retry_after_ms="250")).retry_after == 0.25
+    assert OpenAIProvider(URL).error(call(), 429, {}, headers(retry_after="3")).retry_after == 3.0
+    assert (
+        OpenAIProvider(URL).error(call(), 429, {}, headers(retry_after_ms="250")).retry_after
+        == 0.25
+    )
+
+
+# -- the verdict table --------------------------------------------------------------------------
+
+
+def openai_error(message: str, type_: str = "invalid_request_error", param=None, code=None):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+TOO_LARGE = (
+    "Request too large for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, "
+    "Requested 45000. The input or output tokens must be reduced in order to run successfully. "
+    "Visit https://platform.openai.com/account/rate-limits to learn more."
+)
+CONTEXT_WITH_FUNCTIONS = (
+    "This model's maximum context length is 8192 tokens. However, your messages resulted in "
+    "9000 tokens (8800 in the messages, 200 in the functions). Please reduce the length of the "
+    "messages or functions."
+)
+LLAMA_CPP_CONTEXT = {
+    "error": {
+        "code": 400,
+        "message": "request (4476 tokens) exceeds the available context size (4096 tokens), "
+        "try increasing it",
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": 4476,
+        "n_ctx": 4096,
+    }
+}
+TOOLS = {"schema": SCHEMA, "strategy": "tools"}
+JSON_SCHEMA = {"schema": SCHEMA, "strategy": "json_schema"}
+
+VERDICTS = [
+    # (status, body, call, scope, retry, reason)
+    (401, openai_error("Incorrect API key provided: sk-...abcd.", code="invalid_api_key"), {},
+     "run", False, "refused"),
+    (403, openai_error("Project does not have access to model `gpt-5`"), {},
+     "run", False, "refused"),
+    (404, openai_error("The model `gpt-9` does not exist or you do not have access to it.",
+                       code="model_not_found"), {}, "run", False, "not_found"),
+    (404, openai_error("Invalid URL (POST /v1/chat/completion)"), {}, "run", False, "not_found"),
+    (404, {"detail": "Not Found"}, {}, "run", False, "not_found"),
+    (429, openai_error("Rate limit reached for gpt-4o in organization org-abc on requests per "
+                       "min (RPM): Limit 500, Used 500, Requested 1. Please try again in 120ms.",
+                       "requests", code="rate_limit_exceeded"), {}, "row", True, "rate_limited"),
+    (429, openai_error(TOO_LARGE, "tokens", code="rate_limit_exceeded"), {},
+     "row", False, "request_too_large"),
+    (429, openai_error("You exceeded your current quota, please check your plan and billing "
+                       "details.", "insufficient_quota", code="insufficient_quota"), {},
+     "run", False, "quota"),
+    (429, openai_error("You exceeded your current quota", "insufficient_quota",
+                       code="project_spend_limit_exceeded"), {}, "run", False, "quota"),
+    (400, openai_error(CONTEXT_WITH_FUNCTIONS, param="messages", code="context_length_exceeded"),
+     TOOLS, "row", False, "context_length"),
+    (400, LLAMA_CPP_CONTEXT, TOOLS, "row", False, "context_length"),
+    (400, openai_error("tools param requires --jinja flag"), TOOLS,
+     "strategy", False, "unsupported_strategy"),
+    (400, openai_error("Invalid parameter: 'response_format' of type 'json_schema' is not "
+                       "supported with this model.", param="response_format"), JSON_SCHEMA,
+     "strategy", False, "unsupported_strategy"),
+    (400, {"error": "registry.ollama.ai/library/gemma:2b does not support tools"}, TOOLS,
+     "strategy", False, "unsupported_strategy"),
+    (422, {"detail": [{"loc": ["body", "response_format"], "msg": "extra fields not permitted"}]},
+     JSON_SCHEMA, "strategy", False, "unsupported_strategy"),
+    (500, openai_error("json_schema is not supported by this backend", "server_error"),
+     JSON_SCHEMA, "strategy", False, "unsupported_strategy"),
+    # The same words without a structured parameter sent are no strategy's business.
+    (400, openai_error("tools param requires --jinja flag"), {}, "row", False, "rejected"),
+    (500, openai_error("json_schema is not supported by this backend", "server_error"), {},
+     "row", True, "transient"),
+    (400, openai_error("Invalid 'temperature': decimal above maximum value.",
+                       param="temperature", code="decimal_above_max_value"), {},
+     "run", False, "bad_parameter"),
+    (400, openai_error("Invalid 'messages[0].content': string too long.",
+                       param="messages[0].content", code="string_above_max_length"), {},
+     "row", False, "rejected"),
+    (400, openai_error("something about this prompt"), {}, "row", False, "rejected"),
+    (413, "Request Entity Too Large", {}, "row", False, "request_too_large"),
+    (408, {}, {}, "row", True, "transient"),
+    (409, {}, {}, "row", True, "transient"),
+    (500, openai_error("The server had an error", "server_error"), {}, "row", True, "transient"),
+    (503, "<html>Service Unavailable</html>", {}, "row", True, "transient"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "body", "kind", "scope", "retry", "reason"), VERDICTS)
+def test_the_verdict_table(status, body, kind, scope, retry, reason):
+    error = OpenAIProvider(URL).error(call(**kind), status, body, headers())
+    assert error.verdict == Verdict(scope, retry, reason)
+    assert error.retryable is retry
+
+
+def test_a_context_length_400_that_mentions_functions_is_never_a_strategy_refusal():
+    body = openai_error(CONTEXT_WITH_FUNCTIONS, param="messages", code=None)
+    error = OpenAIProvider(URL).error(call(**TOOLS), 400, body, headers())
+    assert error.verdict.scope == "row" and error.verdict.reason == "context_length"
 
 
 # -- limits ---------------------------------------------------------------------------------------

@@ -51,14 +51,6 @@ EXPECTED = [
 ]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
 
@@ -339,8 +331,8 @@ async def test_bad_requests_get_openai_style_400s(srv):
 # -- rate limits ----------------------------------------------------------------------------
 
 
-def test_token_bucket_refills_with_a_fake_clock():
-    clock = FakeClock()
+def test_token_bucket_refills_with_a_fake_clock(fake_clock):
+    clock = fake_clock
     bucket = TokenBucket(rate=2.0, capacity=4.0, clock=clock)
     assert bucket.level == 4.0
     assert bucket.try_acquire(3) == 0.0
@@ -377,8 +369,8 @@ def test_durations_use_openais_format(seconds, text):
     assert _format_duration(seconds) == text
 
 
-async def test_429_carries_openai_message_and_every_header():
-    clock = FakeClock()
+async def test_429_carries_openai_message_and_every_header(fake_clock):
+    clock = fake_clock
     async with FakeServer(rpm=60, tpm=6000, clock=clock) as srv:  # 1 request, 100 tokens
         status, headers, _ = await post(srv, chat("x" * 40))  # 10 tokens
         assert status == 200
@@ -411,8 +403,8 @@ async def test_429_carries_openai_message_and_every_header():
         assert srv.stats()["rate_limited"] == 1 and srv.stats()["ok"] == 2
 
 
-async def test_tokens_bucket_counts_max_tokens_and_rejects_oversized_requests():
-    clock = FakeClock()
+async def test_tokens_bucket_counts_max_tokens_and_rejects_oversized_requests(fake_clock):
+    clock = fake_clock
     async with FakeServer(tpm=600, burst=5, clock=clock) as srv:  # 50 tokens
         status, headers, data = await post(srv, chat("x" * 40, max_tokens=30))  # costs 40
         assert status == 200
@@ -541,6 +533,133 @@ async def test_stats_endpoints_and_reset(srv):
     await post(srv, chat("b"))
     srv.reset_stats()
     assert srv.stats()["ok"] == 0
+
+
+# -- per-row faults -----------------------------------------------------------------------------
+
+FAULTY = {
+    "FILTERME": "content_filter",
+    "CUTME": "truncate",
+    "LONGME": "context_length",
+    "LLAMAME": "exceed_context",
+    "BOOM": "server_error",
+    "HUGE": "too_large",
+    "BROKE": "insufficient_quota",
+    "ECHOKEY": "echo_key",
+}
+SECRET = "sk-fault-0123456789abcdef"
+
+
+@pytest.fixture
+async def faulty():
+    async with FakeServer(faults=FAULTY) as server:
+        yield server
+
+
+async def test_a_row_without_a_marker_is_answered(faulty):
+    status, _, data = await post(faulty, chat("an honest prompt"))
+    assert status == 200 and data["choices"][0]["message"]["content"] == "echo: an honest prompt"
+    assert faulty.stats()["faults"] == 0
+
+
+async def test_content_filter_fault_withholds_the_answer(faulty):
+    for body in (chat("please filterme"), tool_request(messages=[
+            {"role": "user", "content": TEXT + " FILTERME"}])):  # fmt: skip
+        status, _, data = await post(faulty, body)
+        (choice,) = data["choices"]
+        assert status == 200 and choice["finish_reason"] == "content_filter"
+        assert choice["message"]["content"] is None and "tool_calls" not in choice["message"]
+
+
+async def test_truncate_fault_cuts_free_text_and_structured_answers(faulty):
+    status, _, data = await post(faulty, chat("CUTME please, a long enough answer"))
+    (choice,) = data["choices"]
+    assert status == 200 and choice["finish_reason"] == "length"
+    assert "echo: CUTME please, a long enough answer".startswith(choice["message"]["content"])
+    assert len(choice["message"]["content"]) < len("echo: CUTME please, a long enough answer")
+    body = tool_request(messages=[{"role": "user", "content": TEXT + " CUTME"}])
+    status, _, data = await post(faulty, body)
+    (choice,) = data["choices"]
+    arguments = choice["message"]["tool_calls"][0]["function"]["arguments"]
+    assert choice["finish_reason"] == "length"
+    with pytest.raises(ValueError):
+        json.loads(arguments)
+
+
+@pytest.mark.parametrize(
+    ("marker", "status", "error"),
+    [
+        ("LONGME", 400, {"code": "context_length_exceeded", "param": "messages"}),
+        ("LLAMAME", 400, {"type": "exceed_context_size_error", "code": 400, "n_ctx": 4096}),
+        ("BOOM", 500, {"type": "server_error"}),
+        ("HUGE", 429, {"code": "rate_limit_exceeded", "type": "tokens"}),
+        ("BROKE", 429, {"code": "insufficient_quota", "type": "insufficient_quota"}),
+    ],
+)
+async def test_error_faults_have_their_servers_shapes(faulty, marker, status, error):
+    for _ in range(3):  # every attempt, not once
+        got, headers, data = await post(faulty, chat(f"row {marker}"))
+        assert got == status
+        assert error.items() <= data["error"].items()
+        assert "retry-after" not in headers  # nothing to wait for
+    assert faulty.stats()["faults"] == 3
+
+
+async def test_the_context_length_fault_mentions_functions_as_openai_does(faulty):
+    _, _, data = await post(faulty, chat("LONGME"))
+    assert "in the functions" in data["error"]["message"]
+    _, _, data = await post(faulty, chat("LLAMAME"))
+    assert "exceeds the available context size" in data["error"]["message"]
+    _, _, data = await post(faulty, chat("HUGE"))
+    assert "Request too large" in data["error"]["message"]
+    assert "Limit 30000, Requested 45000" in data["error"]["message"]
+
+
+async def test_the_echo_key_fault_answers_200_with_the_key_in_two_cases(faulty):
+    status, _, data = await post(
+        faulty, chat("ECHOKEY"), headers={"Authorization": f"Bearer {SECRET}"}
+    )
+    assert status == 200 and "choices" not in data
+    assert SECRET in data["error"]["message"] and SECRET.upper() in data["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("marker", "status", "kind"),
+    [
+        ("LONGME", 400, "invalid_request_error"),
+        ("BOOM", 500, "api_error"),
+        ("HUGE", 413, "request_too_large"),
+        ("BROKE", 400, "invalid_request_error"),
+    ],
+)
+async def test_error_faults_on_the_anthropic_route(faulty, marker, status, kind):
+    body = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": marker}]}
+    async with aiohttp.ClientSession() as session:
+        headers = {"anthropic-version": "2023-06-01"}
+        async with session.post(f"{faulty.origin}/v1/messages", json=body, headers=headers) as r:
+            assert r.status == status
+            assert (await r.json())["error"]["type"] == kind
+
+
+async def test_answer_faults_on_the_anthropic_route(faulty):
+    async with aiohttp.ClientSession() as session:
+        headers = {"anthropic-version": "2023-06-01"}
+        for marker, stop in (("FILTERME", "refusal"), ("CUTME to pieces", "max_tokens")):
+            body = {
+                "model": "m",
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": marker}],
+            }
+            async with session.post(
+                f"{faulty.origin}/v1/messages", json=body, headers=headers
+            ) as r:
+                assert (r.status, (await r.json())["stop_reason"]) == (200, stop)
+
+
+def test_an_unknown_fault_is_refused():
+    with pytest.raises(ValueError, match="unknown fault"):
+        ServerConfig(faults={"X": "explode"})
+    assert ServerConfig(faults={"X": "truncate"}) == ServerConfig(faults=[("X", "truncate")])
 
 
 # -- construction, threads and the command line ---------------------------------------------

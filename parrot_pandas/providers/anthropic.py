@@ -14,6 +14,14 @@ What differs from the OpenAI protocol, and how each difference is met:
   (the API has no plain JSON mode).
 - The answer is a list of ``content`` blocks (``text``, ``tool_use`` with an ``input`` object).
 - Rate limits come in ``anthropic-ratelimit-*`` headers whose resets are RFC 3339 timestamps.
+
+Verdicts (:meth:`AnthropicProvider.judge`) follow the API's error types: ``authentication_error``
+(401), ``permission_error`` (403), ``billing_error`` (402), ``not_found_error`` (404) and a
+credit balance too low (400) fail the run; ``request_too_large`` (413) and a prompt too long
+fail the row; ``rate_limit_error`` (429) waits and retries, unless the spend limit is reached;
+``api_error`` (500) and ``overloaded_error`` (529) are retried. ``stop_reason`` ``max_tokens``
+and ``model_context_window_exceeded`` are truncations and ``refusal`` a declined answer: that
+row's errors, never retried.
 """
 
 from __future__ import annotations
@@ -27,15 +35,28 @@ from typing import Any
 
 from .._limits import LimitInfo, parse_retry_after
 from .._secrets import redact_url
-from ..errors import APIError, ConfigurationError, StructuredOutputError
+from ..errors import RATE_LIMITED, APIError, ConfigurationError, StructuredOutputError, Verdict
 from ._url import base_path, endpoint, with_path
 from .base import (
+    ROW_REFUSED,
+    ROW_TOO_LARGE,
+    ROW_TOO_LONG,
+    RUN_BAD_PARAMETER,
+    RUN_NOT_FOUND,
+    RUN_QUOTA,
+    RUN_REFUSED,
+    UNSUPPORTED_STRATEGY,
     Call,
     Completion,
+    ErrorBody,
     HTTPRequest,
     api_error,
-    error_message,
     header_int,
+    no_answer_body,
+    no_structure,
+    status_verdict,
+    truncated,
+    unstructured,
     usage_count,
 )
 from .openai import TOOL_NAME
@@ -65,6 +86,22 @@ _UNSUPPORTED = frozenset(
 _RATE_LIMIT_PREFIX = "anthropic-ratelimit-"
 # Every token limit Anthropic announces; the tightest one is the run's token limit.
 _TOKEN_LIMITS = ("tokens", "input-tokens", "output-tokens")
+
+# Strategies that send a structured-output parameter (json_object and prompt send none here).
+_PARAMETER_STRATEGIES = frozenset({"tools", "json_schema"})
+# 400 texts that say the prompt does not fit: "prompt is too long: 210000 tokens > 200000
+# maximum", "input length and `max_tokens` exceed context limit: ...".
+_TOO_LONG = re.compile(r"prompt is too long|exceed context limit|context window", re.IGNORECASE)
+# The 400 of an organisation without credit ("Your credit balance is too low to access the
+# Anthropic API") or past its own spend limit ("You have reached your specified API usage
+# limits"), and the 429 of the monthly spend limit (details.error_code).
+_NO_CREDIT = re.compile(r"credit balance|usage limits", re.IGNORECASE)
+_SPEND_LIMIT = "enforced_spend_limit_reached"
+# A validation error names its field first ("tools.0.input_schema: Field required",
+# "temperature: Input should be ..."): a request field every row sends belongs to the run.
+_FIELD = re.compile(r"^([a-z_]+)(?=[.:])")
+_STRUCTURED_FIELDS = re.compile(r"tool|output_config|output_format|structured output", re.I)
+_ROW_FIELDS = frozenset({"messages", "system"})
 
 # RFC 3339: 2025-01-01T12:00:30Z, 2025-01-01T12:00:30.25+01:00 (fromisoformat reads neither
 # "Z" nor more than six fraction digits before Python 3.11).
@@ -179,19 +216,31 @@ class AnthropicProvider:
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         content = body.get("content") if isinstance(body, Mapping) else None
         if not isinstance(content, list):
-            message, _ = error_message(body)
-            detail = f"the server said: {message}" if message else str(body)[:200]
-            raise StructuredOutputError(f"response has no 'content': {detail}")
+            fault = ErrorBody.read(body)
+            if not fault.message:
+                raise no_answer_body(body, "content")
+            limits = self.limits(headers)
+            raise api_error(fault.status, fault, self.judge(call, fault.status, fault), limits)
+        structured = call.schema is not None
         stop = body.get("stop_reason")
-        text = _answer_text(content, structured=call.schema is not None)
-        if text is None and stop == "refusal":
-            raise StructuredOutputError("the model declined to answer (stop_reason 'refusal')")
-        if call.schema is not None and stop == "max_tokens":
-            # A structured answer cut short is never valid; say how to fix it.
-            raise StructuredOutputError(
-                "the answer was cut off at max_tokens (stop_reason 'max_tokens'); "
-                "pass a larger max_tokens="
+        text = _answer_text(content, structured=structured)
+        problem: StructuredOutputError | None = None
+        if stop == "refusal":
+            problem = StructuredOutputError(
+                "the model declined to answer (stop_reason 'refusal')", verdict=ROW_REFUSED
             )
+        elif stop == "max_tokens":
+            # Free text cut short is as wrong as cut JSON: never a silent success.
+            problem = truncated(call, "stop_reason 'max_tokens'", DEFAULT_MAX_TOKENS)
+        elif stop == "model_context_window_exceeded":
+            problem = StructuredOutputError(
+                "the answer filled the model's context window (stop_reason "
+                "'model_context_window_exceeded'); shorten the prompt",
+                verdict=Verdict("row", False, "truncated"),
+            )
+        elif structured and unstructured(text):
+            sends = call.strategy in _PARAMETER_STRATEGIES
+            problem = no_structure(call, sends_parameter=sends)
         usage = body.get("usage")
         usage = usage if isinstance(usage, Mapping) else {}
         # input_tokens leaves out what was read from or written to the prompt cache.
@@ -200,15 +249,61 @@ class AnthropicProvider:
             for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
         )
         return Completion(
-            texts=(text,) if text is not None else (),
+            texts=(text,) if text is not None and problem is None else (),
             prompt_tokens=prompt_tokens,
             completion_tokens=usage_count(usage.get("output_tokens")),
             limits=self.limits(headers),
+            problems=(problem,) if problem is not None else (),
         )
 
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+    def error(self, call: Call, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
         # {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-        return api_error(status, body, headers)
+        fault = ErrorBody.read(body)
+        return api_error(status, fault, self.judge(call, status, fault), self.limits(headers))
+
+    def judge(self, call: Call, status: int | None, fault: ErrorBody) -> Verdict:
+        """The verdict on an error response (``status`` ``None``: an error inside a 200 body).
+
+        Parameters
+        ----------
+        call : Call
+            The request that failed.
+        status : int or None
+            The HTTP status.
+        fault : ErrorBody
+            What the body says (Anthropic names the error in ``type``).
+
+        Returns
+        -------
+        Verdict
+            ``run`` for a refused key, a missing model, no credit or a bad request field;
+            ``strategy`` when the server refuses the tool or the output format; ``row``
+            otherwise, retried only for a rate limit, 500, 529 and the like.
+        """
+        kind, message = fault.code, fault.message
+        details = fault.details.get("details")
+        if kind == "billing_error" or status == 402 or _NO_CREDIT.search(message):
+            return RUN_QUOTA
+        if isinstance(details, Mapping) and details.get("error_code") == _SPEND_LIMIT:
+            return RUN_QUOTA
+        if status in (401, 403) or kind in ("authentication_error", "permission_error"):
+            return RUN_REFUSED
+        if status == 404 or kind == "not_found_error":
+            return RUN_NOT_FOUND
+        if status == 413 or kind == "request_too_large":
+            return ROW_TOO_LARGE
+        if status == 429 or kind == "rate_limit_error":
+            return RATE_LIMITED
+        if status in (None, 400) or kind == "invalid_request_error":
+            if _TOO_LONG.search(message):
+                return ROW_TOO_LONG
+            field = _FIELD.match(message)
+            if call.strategy in _PARAMETER_STRATEGIES and call.schema is not None:
+                if _STRUCTURED_FIELDS.search(field.group(1) if field else message):
+                    return UNSUPPORTED_STRATEGY
+            if status == 400 and field is not None and field.group(1) not in _ROW_FIELDS:
+                return RUN_BAD_PARAMETER
+        return status_verdict(status)
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         now = self._clock()

@@ -6,8 +6,10 @@ The request and response bodies are OpenAI's, so :class:`AzureOpenAIProvider` is
 - the URL is ``{endpoint}/openai/deployments/{deployment}/chat/completions?api-version=...``,
   with the ``model`` naming the deployment;
 - the key goes in the ``api-key`` header;
-- Azure's content filter refuses a prompt with a 400 ``content_filter`` (one row's error, not the
-  run's) and withholds an answer with ``finish_reason: "content_filter"``.
+- Azure's content filter refuses a prompt with a 400 ``content_filter`` and withholds an answer
+  with ``finish_reason: "content_filter"``: both are that row's errors, never retried (the
+  verdicts are OpenAI's, see :meth:`OpenAIProvider.judge`); ``DeploymentNotFound`` (404) fails
+  the run.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from .._secrets import redact_url
-from ..errors import APIError, StructuredOutputError
+from ..errors import APIError
 from ._url import endpoint
-from .base import Call, Completion
+from .base import Call
 from .openai import OpenAIProvider
 
 __all__ = ["AzureOpenAIProvider"]
@@ -80,29 +82,12 @@ class AzureOpenAIProvider(OpenAIProvider):
         path = f"/openai/deployments/{deployment}/chat/completions"
         return endpoint(self._base_url, path, self._query)
 
-    def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
-        completion = super().parse(call, body, headers)
-        if not completion.texts and _filtered(body):
-            raise StructuredOutputError(
-                "Azure's content filter withheld the answer (finish_reason 'content_filter')"
-            )
-        return completion
-
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        error = super().error(status, body, headers)
+    def error(self, call: Call, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        error = super().error(call, status, body, headers)
         if error.code == CONTENT_FILTER and "content filter" not in error.message.lower():
-            # The scheduler recognises a row's own 400 by its message: make sure it can.
             error.message = f"Azure content filter: {error.message}"
             error.args = (error.message,)
         elif error.code == "DeploymentNotFound":
             error.message += " (on Azure, model= is the deployment name)"
             error.args = (error.message,)
         return error
-
-
-def _filtered(body: Any) -> bool:
-    choices = body.get("choices") if isinstance(body, Mapping) else None
-    return any(
-        isinstance(choice, Mapping) and choice.get("finish_reason") == CONTENT_FILTER
-        for choice in choices or ()
-    )

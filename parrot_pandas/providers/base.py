@@ -1,7 +1,9 @@
 """What every provider module offers: the one interface the client and scheduler use.
 
 The rest of the package never branches on the provider: it builds a :class:`Call`, asks the
-provider for the HTTP request, and gets a :class:`Completion` (or an ``APIError``) back.
+provider for the HTTP request, and gets a :class:`Completion` (or an ``APIError``) back. Every
+failure carries the provider's :class:`~parrot_pandas.errors.Verdict`: the provider is the one
+that can read its protocol's status codes, error bodies and finish reasons.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._limits import LimitInfo, parse_retry_after
+from .._limits import LimitInfo
 from .._secrets import redact_url
-from ..errors import APIError
+from ..errors import TRANSIENT, APIError, StructuredOutputError, Verdict
 
-__all__ = ["Call", "Completion", "HTTPRequest", "Provider"]
+__all__ = ["Call", "Completion", "ErrorBody", "HTTPRequest", "Provider"]
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,23 @@ class HTTPRequest:
 
 @dataclass(frozen=True)
 class Completion:
-    """One successful response: the answer texts (raw JSON for structured calls), usage, limits."""
+    """One successful response: the usable answer texts (raw JSON for structured calls), usage,
+    limits, and the answers that came back unusable.
+
+    ``problems`` holds one error per choice the provider judged unusable (cut at ``max_tokens``,
+    withheld by a content filter, refused, no structure at all), each with its verdict; the
+    texts of those choices are not in ``texts``.
+    """
 
     texts: tuple[str, ...]
     prompt_tokens: int = 0
     completion_tokens: int = 0
     limits: LimitInfo = field(default_factory=LimitInfo)
+    problems: tuple[StructuredOutputError, ...] = ()
 
 
 class Provider(Protocol):
-    """A wire protocol: payload, headers, response parsing, rate-limit header reading.
+    """A wire protocol: payload, headers, response parsing and judging, rate-limit headers.
 
     Its class attributes are the protocol's facts, which the configuration reads (see
     :class:`~parrot_pandas.providers.openai.OpenAIProvider` for what each one means).
@@ -94,50 +103,144 @@ class Provider(Protocol):
         """The HTTP request for ``call``."""
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
-        """A 2xx JSON body -> Completion; raises ``StructuredOutputError`` if it holds no answer."""
+        """A 2xx JSON body -> Completion.
 
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> Exception:
-        """A non-2xx response -> the ``APIError`` carrying the server's own message."""
+        Unusable choices go to ``Completion.problems``. A body that holds an error instead of
+        an answer raises that error, judged as if it had come with its own status
+        (``APIError``); a body with neither raises ``StructuredOutputError``.
+        """
+
+    def error(self, call: Call, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        """A non-2xx response -> the ``APIError`` with the server's message and the verdict."""
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         """The rate-limit facts in a response's headers."""
 
 
-# Small readers the provider modules share.
+# -- what provider modules share -------------------------------------------------------------
+
+# Verdicts every protocol hands out.
+RUN_REFUSED = Verdict("run", False, "refused")  # bad key, no permission
+RUN_NOT_FOUND = Verdict("run", False, "not_found")  # unknown model or wrong URL
+RUN_QUOTA = Verdict("run", False, "quota")  # credit or spend limit exhausted
+RUN_BAD_PARAMETER = Verdict("run", False, "bad_parameter")  # every row sends it
+ROW_TOO_LONG = Verdict("row", False, "context_length")
+ROW_TOO_LARGE = Verdict("row", False, "request_too_large")
+ROW_FILTERED = Verdict("row", False, "content_filter")
+ROW_REFUSED = Verdict("row", False, "refusal")
+ROW_TRUNCATED = Verdict("row", False, "truncated")
+ROW_REJECTED = Verdict("row", False, "rejected")
+UNSUPPORTED_STRATEGY = Verdict("strategy", False, "unsupported_strategy")
 
 
-def api_error(status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-    """A non-2xx response -> the APIError carrying the server's own message and retry-after."""
-    message, code = error_message(body)
-    return APIError(
-        message or f"the server answered HTTP {status} with no error message",
+@dataclass(frozen=True)
+class ErrorBody:
+    """An error response's fields, from whatever shape the server used.
+
+    Reads OpenAI's ``{"error": {"message", "type", "param", "code"}}``, Anthropic's
+    ``{"type": "error", "error": {"type", "message"}}``, llama.cpp's and vLLM's (which put the
+    HTTP status in ``code``), FastAPI's ``{"detail": ...}`` and plain text.
+    """
+
+    message: str = ""
+    code: str | None = None  # the machine-readable name: `code` when it is a word, else `type`
+    type: str | None = None
+    param: str | None = None
+    status: int | None = None  # a status the body names itself (vLLM's "code": 400)
+    details: Mapping[str, Any] = field(default_factory=dict)  # the whole error object
+
+    @classmethod
+    def read(cls, body: Any) -> ErrorBody:
+        """The fields of ``body`` (a decoded JSON body or a text)."""
+        if isinstance(body, str):
+            return cls(message=body.strip()[:500])
+        if not isinstance(body, Mapping):
+            return cls()
+        error = body.get("error") or body
+        if isinstance(error, str):
+            return cls(message=error)
+        if not isinstance(error, Mapping):
+            return cls()
+        code, kind = error.get("code"), error.get("type")
+        kind = str(kind) if isinstance(kind, str) and kind else None
+        status = code if type(code) is int and 100 <= code < 600 else None
+        name = code if isinstance(code, str) and code else kind
+        message = error.get("message") or error.get("detail") or ""
+        param = error.get("param")
+        return cls(
+            message=str(message),
+            code=name,
+            type=kind,
+            param=str(param) if param else None,
+            status=status,
+            details=error,
+        )
+
+
+def api_error(
+    status: int | None, fault: ErrorBody, verdict: Verdict, limits: LimitInfo
+) -> APIError:
+    """The APIError for a judged error response, carrying its limits and retry-after."""
+    error = APIError(
+        fault.message or f"the server answered HTTP {status} with no error message",
         status=status,
-        code=code,
-        retry_after=parse_retry_after(headers),
+        code=fault.code,
+        retry_after=limits.retry_after,
+        verdict=verdict,
+    )
+    error.limits = limits
+    return error
+
+
+def status_verdict(status: int | None) -> Verdict:
+    """What a status means when nothing else in the response says more."""
+    if status in (401, 403):
+        return RUN_REFUSED
+    if status == 404:
+        return RUN_NOT_FOUND
+    if status == 413:
+        return ROW_TOO_LARGE
+    if status is None or status in (408, 409) or status >= 500:
+        return TRANSIENT
+    return ROW_REJECTED
+
+
+def no_answer_body(body: Any, field_name: str) -> StructuredOutputError:
+    """A 2xx body with neither an answer nor an error: asking again may help."""
+    return StructuredOutputError(f"response has no {field_name!r}: {str(body)[:200]}")
+
+
+def truncated(call: Call, why: str, default_max: int | None = None) -> StructuredOutputError:
+    """An answer cut at the output limit: a row error that says what to raise it to."""
+    name = "max_completion_tokens" if "max_completion_tokens" in call.params else "max_tokens"
+    limit = call.params.get(name) or default_max
+    if isinstance(limit, int) and limit > 0:
+        fix = f"pass {name}={2 * limit} (twice the current {limit}) or ask for a shorter answer"
+    else:
+        fix = f"no {name} was set, so the server's own limit applied: pass a larger {name}="
+    return StructuredOutputError(
+        f"the answer was cut off at {name} ({why}); {fix}", verdict=ROW_TRUNCATED
     )
 
 
-def error_message(body: Any) -> tuple[str, str | None]:
-    """The server's error message and machine-readable code, from whatever shape it used.
+def no_structure(call: Call, *, sends_parameter: bool) -> StructuredOutputError:
+    """A structured call answered with no JSON at all.
 
-    Reads OpenAI's ``{"error": {"message", "code", "type"}}``, Anthropic's
-    ``{"type": "error", "error": {"type", "message"}}``, and the shapes of compatible servers.
+    When the strategy sent a structured-output parameter (a forced tool, a response format),
+    an answer without a brace or a bracket means the server ignored it: a ``strategy`` verdict,
+    which moves the setup request of ``structured="auto"`` to the next strategy. Otherwise the
+    model simply did not follow the prompt: that row's error, worth one more try.
     """
-    if isinstance(body, Mapping):
-        error = body.get("error") or body
-        if isinstance(error, Mapping):
-            # vLLM puts the HTTP status in `code` (400) and the useful name in `type`; Anthropic
-            # has only `type`.
-            code = error.get("code")
-            if not isinstance(code, str) or not code:
-                code = error.get("type") or code
-            message = error.get("message") or error.get("detail") or ""
-            return str(message), (str(code) if code is not None else None)
-        if isinstance(error, str):
-            return error, None
-    if isinstance(body, str):
-        return body.strip()[:500], None
-    return "", None
+    scope = "strategy" if sends_parameter else "row"
+    return StructuredOutputError(
+        f"the answer holds no JSON at all (structured={call.strategy!r})",
+        verdict=Verdict(scope, True, "unstructured"),
+    )
+
+
+def unstructured(text: str | None) -> bool:
+    """True when ``text`` cannot hold any JSON object or array (what every parse needs)."""
+    return text is None or ("{" not in text and "[" not in text)
 
 
 def header_int(value: str | None) -> int | None:

@@ -1,28 +1,95 @@
-"""The OpenAI Chat Completions protocol, spoken by OpenAI, vLLM, Ollama, llama.cpp and others."""
+"""The OpenAI Chat Completions protocol, spoken by OpenAI, vLLM, Ollama, llama.cpp and others.
+
+Every failure gets its verdict here (:meth:`OpenAIProvider.judge`, and ``finish_reason`` in
+:meth:`OpenAIProvider.parse`), read from what this protocol's servers actually send:
+
+- OpenAI: ``invalid_api_key`` (401), ``model_not_found`` (404), ``insufficient_quota`` and the
+  billing codes (429, nothing to wait for), ``rate_limit_exceeded`` (429; "Request too large
+  ... Limit 30000, Requested 45000" when one request exceeds the limit itself, so waiting never
+  helps), ``context_length_exceeded`` (400, whose text may mention "functions"), and
+  ``param`` naming the parameter a 400 is about;
+- llama.cpp: ``exceed_context_size_error`` (400), ``not_supported_error``;
+- vLLM: the status in ``code`` and the name in ``type``, errors inside a 200 body;
+- Azure: ``content_filter`` (400), see :mod:`.azure`.
+
+``finish_reason`` ``length`` is a truncation and ``content_filter`` a withheld answer (that
+row's errors, not retried); ``message.refusal`` is the model declining a structured answer.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .._limits import LimitInfo, parse_duration, parse_retry_after
 from .._secrets import redact_url
-from ..errors import APIError, StructuredOutputError
+from ..errors import RATE_LIMITED, APIError, StructuredOutputError, Verdict
 from ._url import base_path, endpoint, with_path
 from .base import (
+    ROW_FILTERED,
+    ROW_REFUSED,
+    ROW_TOO_LARGE,
+    ROW_TOO_LONG,
+    RUN_BAD_PARAMETER,
+    RUN_NOT_FOUND,
+    RUN_QUOTA,
+    RUN_REFUSED,
+    UNSUPPORTED_STRATEGY,
     Call,
     Completion,
+    ErrorBody,
     HTTPRequest,
     api_error,
-    error_message,
     header_int,
+    no_answer_body,
+    no_structure,
+    status_verdict,
+    truncated,
+    unstructured,
     usage_count,
 )
 
 __all__ = ["OpenAIProvider"]
 
 TOOL_NAME = "record_items"
+
+# Strategies that send a structured-output parameter the server may refuse or ignore.
+_PARAMETER_STRATEGIES = frozenset({"tools", "json_schema", "json_object"})
+# OpenAI's billing failures: type insufficient_quota, with the cause in `code`.
+_QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "billing_hard_limit_reached",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+    }
+)
+_AUTH_CODES = frozenset({"invalid_api_key", "authentication_error", "permission_error"})
+_NOT_FOUND_CODES = frozenset({"model_not_found", "not_found_error", "NotFoundError"})
+# OpenAI's context_length_exceeded, llama.cpp's exceed_context_size_error; vLLM and others say
+# it only in words ("This model's maximum context length is ...").
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+_CONTEXT_WORDS = re.compile(
+    r"maximum context length|context (size|window|length)|too many (input )?tokens", re.IGNORECASE
+)
+# OpenAI's 429 for one request above the limit itself: "Request too large for gpt-4o ... on
+# tokens per min (TPM): Limit 30000, Requested 45000."
+_TOO_LARGE = re.compile(r"request too large", re.IGNORECASE)
+# What a server says when it refuses a structured-output parameter: OpenAI names it in `param`,
+# the others in the text ("tools param requires --jinja flag", "response_format of type
+# 'json_schema' is not supported", "does not support tools").
+_STRUCTURED_PARAM = re.compile(r"^(tools?|tool_choice|functions?|function_call|response_format)")
+_STRUCTURED_WORDS = re.compile(
+    r"tool|function|response_format|json_schema|json_object|grammar|guided_|structured output",
+    re.IGNORECASE,
+)
+# A 400 about the messages belongs to that row; about any other parameter, to every row.
+_ROW_PARAMS = re.compile(r"^(messages|prompt|input)\b")
 
 
 class OpenAIProvider:
@@ -114,20 +181,34 @@ class OpenAIProvider:
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         choices = body.get("choices") if isinstance(body, Mapping) else None
         if not isinstance(choices, list):
-            # vLLM can answer 200 with `"choices": null`, or with an error body (context too long).
-            message, _ = error_message(body)
-            detail = f"the server said: {message}" if message else str(body)[:200]
-            raise StructuredOutputError(f"response has no 'choices': {detail}")
-        structured = call.schema is not None
-        texts = []
-        for choice in choices:
-            message = choice.get("message") if isinstance(choice, Mapping) else None
-            text = (
-                _answer_text(message, structured=structured)
-                if isinstance(message, Mapping)
-                else None
+            # vLLM can answer 200 with `"choices": null`, or with an error body (context too
+            # long): that error is judged as if it had come with its own status.
+            fault = ErrorBody.read(body)
+            if not fault.message:
+                raise no_answer_body(body, "choices")
+            fault = dataclasses.replace(
+                fault,
+                message=f"the server answered 200 with an error and no 'choices': {fault.message}",
             )
-            if text is not None:
+            limits = self.limits(headers)
+            raise api_error(fault.status, fault, self.judge(call, fault.status, fault), limits)
+        structured = call.schema is not None
+        texts: list[str] = []
+        problems: list[StructuredOutputError] = []
+        for choice in choices:
+            if not isinstance(choice, Mapping):
+                continue
+            message = choice.get("message")
+            message = message if isinstance(message, Mapping) else {}
+            problem = self._finished_badly(call, choice.get("finish_reason"), message)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            text = _answer_text(message, structured=structured)
+            if structured and unstructured(text):
+                sends = call.strategy in _PARAMETER_STRATEGIES
+                problems.append(no_structure(call, sends_parameter=sends))
+            elif text is not None:
                 texts.append(text)
         usage = body.get("usage")
         usage = usage if isinstance(usage, Mapping) else {}
@@ -136,10 +217,80 @@ class OpenAIProvider:
             prompt_tokens=usage_count(usage.get("prompt_tokens")),
             completion_tokens=usage_count(usage.get("completion_tokens")),
             limits=self.limits(headers),
+            problems=tuple(problems),
         )
 
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        return api_error(status, body, headers)
+    def _finished_badly(
+        self, call: Call, finish: Any, message: Mapping[str, Any]
+    ) -> StructuredOutputError | None:
+        # The answer is whole only when the model stopped on its own (stop, tool_calls).
+        if finish == "length":
+            return truncated(call, "finish_reason 'length'")
+        if finish == "content_filter":
+            return StructuredOutputError(
+                "the content filter withheld the answer (finish_reason 'content_filter')",
+                verdict=ROW_FILTERED,
+            )
+        refusal = message.get("refusal")
+        if isinstance(refusal, str) and refusal and not message.get("content"):
+            return StructuredOutputError(
+                f"the model refused to answer: {refusal[:300]}", verdict=ROW_REFUSED
+            )
+        return None
+
+    def error(self, call: Call, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        fault = ErrorBody.read(body)
+        return api_error(status, fault, self.judge(call, status, fault), self.limits(headers))
+
+    def judge(self, call: Call, status: int | None, fault: ErrorBody) -> Verdict:
+        """The verdict on an error response (``status`` ``None``: an error inside a 200 body).
+
+        Parameters
+        ----------
+        call : Call
+            The request that failed (whether it sent a structured-output parameter matters).
+        status : int or None
+            The HTTP status.
+        fault : ErrorBody
+            What the body says.
+
+        Returns
+        -------
+        Verdict
+            ``run`` for a refused key, an unknown model or URL, an exhausted quota or a
+            parameter every row sends; ``strategy`` when the server refuses the structured-output
+            parameter; ``row`` otherwise, retried only when waiting can help (a rate limit, 5xx,
+            408, 409).
+        """
+        code, kind, message = fault.code, fault.type, fault.message
+        names = {code, kind}
+        if names & _QUOTA_CODES:
+            return RUN_QUOTA
+        if status in (401, 403) or names & _AUTH_CODES:
+            return RUN_REFUSED
+        if status == 404 or names & _NOT_FOUND_CODES:
+            return RUN_NOT_FOUND
+        # A 429's words are about the rate limit, never the context window.
+        client_error = status is None or (400 <= status < 500 and status != 429)
+        if names & _CONTEXT_CODES or (client_error and _CONTEXT_WORDS.search(message)):
+            return ROW_TOO_LONG
+        if "content_filter" in names:
+            return ROW_FILTERED
+        if status == 429:
+            return ROW_TOO_LARGE if _TOO_LARGE.search(message) else RATE_LIMITED
+        if status in (None, 400, 422, 500, 501) and self._refuses_strategy(call, fault):
+            return UNSUPPORTED_STRATEGY
+        if status in (400, 422) and fault.param and not _ROW_PARAMS.match(fault.param):
+            return RUN_BAD_PARAMETER
+        return status_verdict(status)
+
+    @staticmethod
+    def _refuses_strategy(call: Call, fault: ErrorBody) -> bool:
+        if call.schema is None or call.strategy not in _PARAMETER_STRATEGIES:
+            return False
+        if fault.param:
+            return bool(_STRUCTURED_PARAM.match(fault.param))
+        return bool(_STRUCTURED_WORDS.search(fault.message))
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         return LimitInfo(
