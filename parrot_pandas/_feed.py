@@ -71,6 +71,11 @@ class Feed:
         Called with a job whose every sample came from the cache; it must set ``job.done``
         and ``job.cached`` and report the job's rows (the scheduler's
         ``_finish(job, cached=True)``).
+    fail : callable, optional
+        Called with a job and the error of a cached answer that can never parse (a value that
+        does not fit its field): the row fails without a request, since asking again would pay
+        for the same answer; a fixed parser reads the cached text on a later run. By default
+        such a job is finished like a cached one (an estimate sends nothing for it either).
     cache : ResponseCache, optional
         Read for answers; never written here. Without one, the prompt is the key (within one
         run the key is a function of the prompt alone, so the hashing is skipped).
@@ -90,6 +95,7 @@ class Feed:
         plan: RequestPlan,
         *,
         finish: Callable[[Job], None],
+        fail: Callable[[Job, StructuredOutputError], None] | None = None,
         cache: ResponseCache | None = None,
         emit: Callable[[Event], None] = _ignore,
         window: int | None = None,
@@ -101,6 +107,7 @@ class Feed:
         # Samples one request can return (Anthropic: 1, as its API has no n).
         self.per_request = config.samples_per_request or config.n
         self._finish = finish
+        self._fail = fail if fail is not None else lambda job, error: finish(job)
         self._cache = cache
         self._read = cache is not None and not config.refresh
         self._emit = emit
@@ -174,12 +181,18 @@ class Feed:
             return
         parse = self.plan.parse
         for job in batch:
+            final: StructuredOutputError | None = None
             for index, text in hits.get(job.key, {}).items():
                 try:
                     job.samples[index] = parse(text)
-                except StructuredOutputError:
-                    continue  # an entry the current parser rejects is simply asked again
-            if len(job.samples) >= self.n:
+                except StructuredOutputError as exc:
+                    if not exc.verdict.retry:
+                        final = final or exc
+                    # otherwise an entry the current parser rejects is simply asked again
+            if len(job.samples) >= self.n or (final is not None and job.samples):
+                # As live: a row keeps the usable samples it has rather than pay for the rest.
                 self._finish(job)
+            elif final is not None:
+                self._fail(job, final)
             else:
                 yield job

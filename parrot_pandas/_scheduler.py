@@ -209,6 +209,7 @@ class Scheduler:
         feed = Feed(
             self.plan,
             finish=functools.partial(self._finish, cached=True),
+            fail=self._fail,
             cache=self.cache,
             emit=self._emit,
             window=dedupe_window,

@@ -197,3 +197,23 @@ def test_max_concurrency_is_capped_by_the_rows(server):
     )
     assert out["output"].tolist() == ["echo: a", "echo: b", "echo: c"]
     assert time.perf_counter() - started < 5  # a million workers took 23 s and 1 GB
+
+
+# -- a value that does not fit: paid once, and a re-run reads the cached answer --------------------
+
+
+def test_a_value_that_does_not_fit_costs_one_request_and_nothing_on_rerun(server, tmp_path):
+    cache = str(tmp_path / "cache.sqlite3")
+    frame = pd.DataFrame({"text": [f"a={i}" for i in range(5)] + ["a=12345678901234567890"]})
+    run = dict(fields={"a": int}, errors="coerce", **options(server, cache=cache))
+    out = frame.llm.extract("${text}", **run)
+    assert out["a"].tolist()[:5] == [0, 1, 2, 3, 4]
+    assert pd.isna(out.loc[5, "a"]) and "does not fit int" in out.loc[5, "llm_error"]
+    asked = server.stats()["by_prompt"]["a=12345678901234567890"]
+    assert asked == 1  # never retried: the same answer would come back
+    again = frame.llm.extract("${text}", **run)
+    # The raw answer was cached: the re-run sends nothing and fails the row the same way.
+    assert server.stats()["by_prompt"]["a=12345678901234567890"] == asked
+    assert again.attrs["llm"]["requests"] == 0
+    assert again.loc[5, "llm_error"] == out.loc[5, "llm_error"]
+    assert again["a"].tolist()[:5] == [0, 1, 2, 3, 4]
