@@ -37,9 +37,9 @@ never by its position, so a reordered answer maps correctly. A row gets nothing 
 
 - is missing (``"missing"``);
 - appears twice with different answers (``"duplicate"``; identical copies collapse into one);
-- was cut off by a truncated answer (``"truncated"``, when the provider reported
-  ``finish_reason`` length / ``stop_reason`` max_tokens), or lies after the point where a
-  broken answer stops being JSON (``"invalid_answer"``);
+- is in an answer whose rows array never closes: cut off by the output limit (``"truncated"``,
+  when the provider reported ``finish_reason`` length / ``stop_reason`` max_tokens, or gave
+  no text), or broken JSON (``"invalid_answer"``);
 - holds an answer that does not validate and may be right when asked again
   (``"invalid_answer"``).
 
@@ -49,10 +49,13 @@ dropped. A row's answer is the entry without its id, parsed by the run's own unp
 the same verdicts; a value that can never fit its column (``INVALID_VALUE``) is an unusable
 answer, cached and failing its row at once, as unpacked.
 
-Truncation: the entries that closed (their ``}``) before the cut are trusted, the rest are not.
-A closed entry was finished by the model itself; the cut only removes what came after it. The
-same rule holds for an answer that stops being JSON halfway without a truncation flag. A
-provider that keeps no text for a truncated answer (``text`` ``None``) re-asks every row.
+Truncation: an answer whose rows array did not close maps no row at all, not even the
+entries that closed before the cut. Each of them looks finished, but a second entry with the
+same id and another answer may lie after the cut, and only the whole array shows that an id
+came once; trusting the first copy would give a row another answer whenever the wrong copy
+came first. A truncated answer means the pack's output did not fit, so its rows are re-asked
+in halves anyway (the paid output of the closed entries is the price). An answer flagged
+truncated whose array did close (the cut fell in the envelope's last brace) is read whole.
 
 Re-asking (:func:`halve`)
 -------------------------
@@ -423,7 +426,13 @@ class PackedPlan:
         return result
 
     def _check_sample(self, text: str | None, cut: bool, result: PackResult) -> None:
-        entries, complete = _entries(text)
+        entries = _entries(text)
+        if entries is None:
+            # The array never closed: a wrong copy of an id may be what was cut off.
+            reason = "truncated" if cut else "invalid_answer"
+            for number, row in enumerate(result.rows, 1):
+                row.fail(reason, _UNSEEN[reason].format(number=number))
+            return
         rows = len(result.rows)
         answers: dict[int, dict] = {}
         conflicts: set[int] = set()
@@ -441,10 +450,6 @@ class PackedPlan:
                 # Two different answers for one row: neither can be trusted to be its own.
                 conflicts.add(number)
                 del answers[number]
-        if cut:
-            unseen = "truncated"
-        else:
-            unseen = "missing" if complete else "invalid_answer"
         for number, row in enumerate(result.rows, 1):
             answer = answers.get(number)
             if answer is not None:
@@ -452,7 +457,7 @@ class PackedPlan:
             elif number in conflicts:
                 row.fail("duplicate", f"id {number} came twice with different answers")
             else:
-                row.fail(unseen, _UNSEEN[unseen].format(number=number))
+                row.fail("missing", _UNSEEN["missing"].format(number=number))
 
     def _read(self, answer: dict, row: RowAnswer) -> None:
         if self.generate:
@@ -476,8 +481,8 @@ class PackedPlan:
 
 _UNSEEN = {
     "missing": "id {number} is missing from the answer",
-    "truncated": "id {number} was cut off by the output limit",
-    "invalid_answer": "id {number} lies where the answer stops being valid JSON",
+    "truncated": "the answer was cut off at the output limit before its rows closed",
+    "invalid_answer": "the answer's rows array is not valid JSON",
 }
 
 
@@ -577,15 +582,15 @@ def _escape(text: str) -> str:
     return _TAG.sub(r"&lt;\1\2", text) if "<" in text else text
 
 
-def _entries(text: str | None) -> tuple[list[Any], bool]:
-    """The rows array's entries that parse, and whether the array closed.
+def _entries(text: str | None) -> list[Any] | None:
+    """The rows array's entries, or ``None`` when no rows array closes in ``text``.
 
     Accepts ``{"rows": [...]}``, a bare array, or an object whose one key holds the array, in
-    fences or prose; a reasoning model's ``<think>`` blocks are ignored. When the text stops
-    being JSON (a cut, or a broken answer), the entries that closed before are returned.
+    fences or prose; a reasoning model's ``<think>`` blocks are ignored. An array that stops
+    being JSON before it closes (a cut, or a broken answer) is ``None`` too.
     """
     if not text:
-        return [], False
+        return None
     text = _THINK.sub("", text)
     unclosed = _OPEN_THINK.search(text)
     if unclosed is not None:
@@ -597,10 +602,10 @@ def _entries(text: str | None) -> tuple[list[Any], bool]:
     if value is not _MISSING:
         entries = _rows_of(value)
         if entries is not None:
-            return entries, True
+            return entries
     match = _ROWS_KEY.search(text) or _ARRAY_OF_OBJECTS.search(text)
     if match is None:
-        return [], False
+        return None
     return _scan(text, match.end() - 1 if match.re is _ROWS_KEY else match.start())
 
 
@@ -618,29 +623,29 @@ def _rows_of(value: Any) -> list | None:
     return None
 
 
-def _scan(text: str, start: int) -> tuple[list[Any], bool]:
-    """Entries of the array opening at ``text[start] == "["``, one at a time, up to the first
-    that does not parse."""
+def _scan(text: str, start: int) -> list[Any] | None:
+    """The entries of the array opening at ``text[start] == "["`` (prose may follow it), or
+    ``None`` if it does not close."""
     entries: list[Any] = []
     position, end = start + 1, len(text)
     while True:
         while position < end and text[position] in _WHITESPACE:
             position += 1
         if position < end and text[position] == "]":
-            return entries, True
+            return entries
         try:
             entry, position = _DECODER.raw_decode(text, position)
         except ValueError:
-            return entries, False
+            return None
         entries.append(entry)
         while position < end and text[position] in _WHITESPACE:
             position += 1
         if position < end and text[position] == ",":
             position += 1
         elif position < end and text[position] == "]":
-            return entries, True
+            return entries
         else:
-            return entries, False
+            return None
 
 
 def _split_id(entry: Any) -> tuple[int | None, dict]:
