@@ -563,11 +563,11 @@ class PackResult:
     def summary(self) -> str:
         """One line for the log: what was re-asked and why."""
         reasons = self.reasons
-        if not reasons and not self.unknown:
-            return f"all {len(self.rows)} rows answered"
-        why = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
-        text = f"{sum(reasons.values())} of {len(self.rows)} rows asked again"
-        text += f" ({why})" if why else ""
+        if reasons:
+            why = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+            text = f"{sum(reasons.values())} of {len(self.rows)} rows asked again ({why})"
+        else:
+            text = f"all {len(self.rows)} rows answered"
         if self.unknown:
             entries = "entry" if self.unknown == 1 else "entries"
             text += f"; {self.unknown} {entries} with an unknown id dropped"
