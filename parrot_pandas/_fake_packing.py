@@ -12,6 +12,10 @@ model, so a packed row gets exactly the answer it would get alone: the echo mode
 (``generate``, entries ``{"id", "text"}``) or its ``key=value`` objects (``extract``, entries
 ``{"id", "items"}``). Then the faults of :data:`PACK_FAULTS` are applied, each at its rate,
 drawn from a seeded generator.
+
+A wrong answer always comes as a second copy of an id whose right answer is also there (before
+or after it): a lone wrong answer under the right id is a model answering wrongly, which no id
+check can see, so it is not a packing fault.
 """
 
 from __future__ import annotations

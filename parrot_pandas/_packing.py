@@ -21,8 +21,9 @@ Shared and byte-stable first, row data last, so a provider's prompt cache can ho
    ``<task`` and ``</task`` inside any text become ``&lt;row`` ... so a row cannot close its
    block or forge another row's id.
 
-Ids are local to the request: ``1..K`` in the order of the jobs given. They are never the
-cache key, which a model could not copy reliably and which would leak nothing useful to it.
+Ids are local to the request: ``1..K`` in the order of the prompts given. They are never the
+cache key: a small number costs a token or two and is hard to copy wrong; a 64-digit hash is
+neither.
 
 The answer schema
 -----------------
@@ -62,15 +63,18 @@ Re-asking (:func:`halve`)
 The rows a pack of K failed go again in packs of at most ``K // 2`` rows, split evenly; a row
 alone goes unpacked, the ordinary request path with its ordinary verdicts. Pack sizes strictly
 shrink, so a row is asked packed at most ``log2(K)`` more times. A packed request that fails as
-a whole with a ``row`` verdict (too long for the context, content filter, request too large,
-truncated with no text) is split the same way (:meth:`PackResult.failed`): the culprit ends up
-alone.
+a whole with a ``row`` verdict (too long for the context, a content filter, a request too
+large for the token limit) is split the same way (:meth:`PackResult.failed`): the culprit ends
+up alone, and only it fails. Transient failures (5xx, a dropped connection) retry the same
+pack, as they retry an unpacked request.
 
 Several samples (``n > 1``)
 ---------------------------
 The packed request asks ``n`` samples (choices); each is checked by id on its own, and a row
-keeps the samples that mapped. A row that failed in any sample is re-asked for the samples it
-still lacks; a provider without ``n`` (Anthropic) sends the packed request once per sample.
+keeps the samples that mapped. A row that failed in any sample is re-asked (halving) for the
+samples it still lacks. A row that mapped in every sample the server returned, when it returned
+fewer than asked (it ignores ``n``), has no problem: it is asked for the rest at the same size,
+as an unpacked row is. A provider without ``n`` (Anthropic) sends the pack once per sample.
 
 Choosing K for ``"auto"``
 -------------------------
@@ -121,11 +125,14 @@ if TYPE_CHECKING:
     from ._tokens import Tokenizer
 
 __all__ = [
+    "ASSUMED_CONTEXT_WINDOW",
+    "ASSUMED_ROW_OUTPUT",
     "DEFAULT_AUTO_ROWS",
     "ENVELOPE_TOKENS",
     "MAX_AUTO_ROWS",
     "PLACEHOLDER",
     "ROW_OUTPUT_OVERHEAD",
+    "ROW_PROMPT_OVERHEAD",
     "PackLimits",
     "PackResult",
     "PackSizer",
