@@ -65,6 +65,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ._fake_packing import PackedModel, check_pack_faults
+
 __all__ = ["FAULTS", "FakeServer", "ServerConfig", "TokenBucket", "main", "make_app"]
 
 Clock = Callable[[], float]
@@ -139,6 +141,10 @@ class ServerConfig:
         contains the word (any case) gets that fault, on every route and every attempt, e.g.
         ``faults={"FILTERME": "content_filter", "BOOM": "server_error"}``. Counted in
         ``stats()["faults"]``.
+    pack_faults : mapping of str to float
+        Packed requests (several rows, each in a ``<row id="N">`` block) are always answered
+        row by row; these spoil the answers at the given rates: ``drop``, ``duplicate``,
+        ``unknown``, ``reorder`` and ``truncate`` (see ``_fake_packing.PACK_FAULTS``).
     """
 
     latency: float = 0.0
@@ -159,6 +165,7 @@ class ServerConfig:
     supports_json_object: bool = True
     filtered: tuple[str, ...] = ()
     faults: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
+    pack_faults: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         faults = dict(self.faults.items() if isinstance(self.faults, Mapping) else self.faults)
@@ -167,6 +174,7 @@ class ServerConfig:
             raise ValueError(f"unknown fault(s) {unknown}; the faults are {sorted(FAULTS)}")
         # Kept as pairs: the config stays hashable and comparable.
         object.__setattr__(self, "faults", tuple(faults.items()))
+        object.__setattr__(self, "pack_faults", check_pack_faults(self.pack_faults))
         if isinstance(self.filtered, str):
             object.__setattr__(self, "filtered", (self.filtered,))
         else:
@@ -835,7 +843,8 @@ class _Stats:
 
     _FIELDS = (
         "requests", "ok", "rate_limited", "failed", "dropped", "malformed", "rejected",
-        "faults", "prompt_tokens", "completion_tokens",
+        "faults", "prompt_tokens", "completion_tokens", "packed", "ids_dropped",
+        "ids_duplicated", "ids_unknown", "packs_reordered", "packs_truncated",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -891,6 +900,7 @@ class _ChatServer:
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._fault_rate = config.fail_rate + config.drop_rate + config.malformed_rate
         self._row_faults = [(word.lower(), fault) for word, fault in config.faults]
+        self._packed = PackedModel(config.pack_faults, config.seed, self.stats.add)
 
     # -- small endpoints ----------------------------------------------------------------
 
@@ -1324,7 +1334,11 @@ class _ChatServer:
         malformed = plan.structured and draw < cfg.fail_rate + cfg.drop_rate + cfg.malformed_rate
 
         start = self._answered[job.prompt] if job.rotate else 0
-        answers = self._answers(plan, job.prompt, job.n, malformed, start)
+        packed = self._packed.answer(job, malformed, start, self._row_answers)
+        if packed is None:
+            answers = self._answers(plan, job.prompt, job.n, malformed, start)
+        else:
+            answers, job = packed
         payload, completion_tokens = dialect.render(job, answers, self._ids)
         with self.stats.lock:
             self.stats.ok += 1
@@ -1365,6 +1379,13 @@ class _ChatServer:
                 text = f"Here is the JSON you asked for:\n```json\n{text}\n```\nHope this helps!"
             return [text] * n
         return [f"echo{' (alt)' if i % 2 else ''}: {prompt}" for i in range(start, start + n)]
+
+    def _row_answers(
+        self, prompt: str, props: dict[str, Any] | None, n: int, start: int
+    ) -> list[str]:
+        """One row of a packed request, answered as if it came alone (echo without props)."""
+        plan = _Plan("echo" if props is None else "json", props, ())
+        return self._answers(plan, prompt, n, False, start)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any] | None:
@@ -1513,7 +1534,9 @@ class FakeServer:
             spoilt by ``ServerConfig.faults``, whatever their status), ``by_prompt`` (a
             ``Counter``: last user message -> 200 answers), ``in_flight``, ``max_in_flight``
             (peak concurrent requests in the handler), ``prompt_tokens`` and
-            ``completion_tokens`` (of 200s).
+            ``completion_tokens`` (of 200s); for packed requests, ``packed`` (answered row by
+            row) and the pack faults done: ``ids_dropped``, ``ids_duplicated``,
+            ``ids_unknown``, ``packs_reordered``, ``packs_truncated``.
         """
         return self._server.stats.snapshot()
 
