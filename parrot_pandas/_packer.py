@@ -61,9 +61,10 @@ from .errors import APIError, StructuredOutputError
 
 if TYPE_CHECKING:
     from ._feed import Job
+    from ._plan import RequestPlan
     from ._scheduler import Scheduler
 
-__all__ = ["CONTEXT_WINDOWS", "Packer", "model_limits"]
+__all__ = ["CONTEXT_WINDOWS", "Packer", "auto_bounds", "model_limits", "packed_strategy"]
 
 logger = logging.getLogger("parrot_pandas")
 
@@ -84,6 +85,8 @@ CONTEXT_WINDOWS: tuple[tuple[str, int, int | None], ...] = (
 # Reasons a packed request failed as a whole because it was too big for a limit: the pack
 # is split, and "auto" shrinks.
 _OVERSIZED = frozenset({"context_length", "request_too_large", "bad_parameter"})
+# Prompt tokens of a row before any was seen (sizing only).
+_TYPICAL_ROW = 64.0
 # Rows whose prompt lengths "auto" averages to size packs: enough for a typical row.
 _SAMPLED_ROWS = 1000
 # A tokenizer-free counter: sizing needs a rough count per row, at no cost per row.
@@ -104,6 +107,58 @@ def model_limits(model: str) -> tuple[int, int | None]:
         if model.startswith(prefix):
             return window, output
     return ASSUMED_CONTEXT_WINDOW, None
+
+
+def auto_bounds(
+    packed: PackedPlan,
+    *,
+    rpm: float | None,
+    tpm: float | None,
+    shared: int,
+    row_prompt: float,
+) -> tuple[int, int]:
+    """What ``"auto"`` packs before any failure is seen: ``(rate target, token ceiling)``.
+
+    Parameters
+    ----------
+    packed : PackedPlan
+        The run's packed plan (its model, ``max_tokens`` and ``n``).
+    rpm, tpm : float, optional
+        The rate limits in effect (announced by the server, or the user's).
+    shared : int
+        Prompt tokens every packed request pays once (:meth:`PackedPlan.shared_tokens`).
+    row_prompt : float
+        Prompt tokens a typical row adds.
+
+    Returns
+    -------
+    (int, int)
+        :func:`~parrot_pandas._packing.rate_target` and
+        :func:`~parrot_pandas._packing.token_ceiling`; a pack holds the lesser.
+    """
+    config = packed.plan.config
+    samples = config.samples_per_request or config.n
+    sizing: dict[str, Any] = {
+        "shared": shared,
+        "row_prompt": row_prompt,
+        "row_output": config.max_output_tokens,
+        "n": samples,
+    }
+    window, output_cap = model_limits(config.model)
+    # The largest request a token limit admits is a minute's worth; a server whose bucket is
+    # smaller says so (request_too_large), and the pack shrinks.
+    ceiling = token_ceiling(PackLimits(window, output_cap, tpm), **sizing)
+    return rate_target(rpm, tpm, **sizing), ceiling
+
+
+def packed_strategy(plan: RequestPlan) -> str:
+    """The structured strategy packed requests start with: ``extract``'s own (its setup request
+    may move it), or for ``generate`` (which has none unpacked) the fixed ``structured=`` or
+    the best one."""
+    if plan.strategy is not None:
+        return plan.strategy
+    structured = plan.config.structured
+    return structured if structured != "auto" else STRUCTURED_STRATEGIES[0]
 
 
 class Packer:
@@ -141,10 +196,8 @@ class Packer:
         self._per_request = config.samples_per_request or config.n
         self.auto = config.rows_per_request == "auto"
         self.setting = config.rows_per_request
-        # Packs of generate have no unpacked strategy to inherit: they start at the top.
-        fixed = config.structured != "auto"
-        self._fixed_strategy = fixed
-        self._strategy: str | None = config.structured if fixed else None
+        self._fixed_strategy = config.structured != "auto"
+        self._strategy: str | None = None
         self._plans: dict[str, PackedPlan] = {}
         self._shared: dict[str, int] = {}  # prompt tokens every pack pays, by strategy
         self._sizer = PackSizer(MAX_AUTO_ROWS if self.auto else int(config.rows_per_request))
@@ -185,25 +238,19 @@ class Packer:
     def _retarget(self) -> None:
         # The rate and token facts as they are now: announced limits move during a run.
         scheduler = self._scheduler
-        config = scheduler.plan.config
         packed = self._packed_plan()
         strategy = str(packed.strategy)
         shared = self._shared.get(strategy)
         if shared is None:
             shared = self._shared[strategy] = packed.shared_tokens(_APPROXIMATE)
-        sizing: dict[str, Any] = {
-            "shared": shared,
-            "row_prompt": self._row_prompt or 64.0,
-            "row_output": config.max_output_tokens,
-            "n": self._per_request,
-        }
         limits = scheduler.budget.snapshot()
-        rpm, tpm = limits.get("rpm"), limits.get("tpm")
-        window, output_cap = model_limits(config.model)
-        # The largest request a token limit admits is a minute's worth; a server whose bucket
-        # is smaller says so (request_too_large), and the pack shrinks.
-        ceiling = token_ceiling(PackLimits(window, output_cap, tpm), **sizing)
-        target = rate_target(rpm, tpm, **sizing)
+        target, ceiling = auto_bounds(
+            packed,
+            rpm=limits.get("rpm"),
+            tpm=limits.get("tpm"),
+            shared=shared,
+            row_prompt=self._row_prompt or _TYPICAL_ROW,
+        )
         self._sizer.retarget(target, ceiling)
 
     # -- one pack --------------------------------------------------------------------------
@@ -333,8 +380,8 @@ class Packer:
         plan = self._scheduler.plan
         strategy = self._strategy
         if strategy is None:
-            # extract: the strategy the setup request found; generate: the best one.
-            strategy = self._strategy = plan.strategy or STRUCTURED_STRATEGIES[0]
+            # Taken at the first pack: extract's setup request may have moved its strategy.
+            strategy = self._strategy = packed_strategy(plan)
         packed = self._plans.get(strategy)
         if packed is None:
             packed = self._plans[strategy] = PackedPlan(plan, self._prefix, self._suffix, strategy)
