@@ -122,6 +122,24 @@ def test_packed_async_and_streaming_runs_return_the_unpacked_frame(server_factor
     assert server.stats()["packed"] > 0
 
 
+@pytest.mark.parametrize("kind", ["generate", "extract"])
+def test_anthropic_packs_are_asked_once_per_sample(server_factory, kind):
+    # The Messages API has no n: a pack of n=2 is sent twice, each answer checked by id.
+    frame = notes(60)
+    options = {"provider": "anthropic", "model": "claude-3-5-haiku-latest", "api_key": "k"}
+    clean = server_factory()
+    expected = run(
+        frame, kind, clean.origin, n=2 if kind == "extract" else 1, cache=False, **options
+    )
+    server = server_factory(pack_faults=PACK_FAULTS, seed=8)
+    out = run(
+        frame, kind, server.origin, n=2 if kind == "extract" else 1, cache=False,
+        rows_per_request="auto", **options,
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(out, expected)
+    assert server.stats()["packed"] > 0 and out.attrs["llm"]["rows_per_request"] == 7
+
+
 async def test_packed_agenerate_and_aextract(server_factory):
     frame = notes(40)
     server = server_factory(pack_faults=PACK_FAULTS, seed=2)
