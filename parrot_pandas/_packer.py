@@ -33,7 +33,10 @@ How many rows a pack holds: the user's ``N``, or for ``"auto"`` a
 :class:`~parrot_pandas._packing.PackSizer` fed with the limits the server announced, the
 model's context window (:data:`CONTEXT_WINDOWS`, else
 :data:`~parrot_pandas._packing.ASSUMED_CONTEXT_WINDOW`), ``max_tokens`` and the share of
-rows that did not map.
+rows that did not map. A pack too long or too large for the server shrinks it at once; so
+does a truncated answer when no ``max_tokens`` was set (the server's own output limit cut
+it). With ``max_tokens`` set, a pack's output limit grows with its rows, so a truncation
+says one row ran past its share, not that the pack is too big: it counts as unmapped rows.
 """
 
 from __future__ import annotations
@@ -195,12 +198,13 @@ class Packer:
         self._n = config.n
         self._per_request = config.samples_per_request or config.n
         self.auto = config.rows_per_request == "auto"
-        self.setting = config.rows_per_request
+        # An int N is the pack size as given; "auto" asks its sizer before every pack.
+        self._fixed = 0 if self.auto else int(config.rows_per_request)
         self._fixed_strategy = config.structured != "auto"
         self._strategy: str | None = None
         self._plans: dict[str, PackedPlan] = {}
         self._shared: dict[str, int] = {}  # prompt tokens every pack pays, by strategy
-        self._sizer = PackSizer(MAX_AUTO_ROWS if self.auto else int(config.rows_per_request))
+        self._sizer = PackSizer(MAX_AUTO_ROWS)
         self._row_prompt: float | None = None
         self._seen_rows = 0
         self._stopped = False
@@ -218,8 +222,9 @@ class Packer:
         """Rows the next fresh pack holds (1: send the next row alone)."""
         if self._stopped:
             return 1
-        if self.auto:
-            self._retarget()
+        if not self.auto:
+            return self._fixed
+        self._retarget()
         return self._sizer.size
 
     def note(self, prompt: str | None) -> None:

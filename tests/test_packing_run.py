@@ -280,6 +280,13 @@ def test_auto_packs_more_rows_when_the_request_limit_binds(server_factory):
     assert out.attrs["llm"]["rows_per_request"] == DEFAULT_AUTO_ROWS
 
 
+def test_an_int_is_the_pack_size_as_given_even_past_what_auto_would_pack(server_factory):
+    frame = notes(80).dropna()
+    server = server_factory()
+    out = run(frame, "generate", server.url, rows_per_request=70, cache=False)
+    assert out.attrs["llm"]["rows_per_request"] == 70 and out.attrs["llm"]["requests"] == 3
+
+
 def _pack_sizes(server: Any) -> list[int]:
     """Rows per packed request, in the order the server first saw each."""
     return [
