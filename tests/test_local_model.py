@@ -279,7 +279,7 @@ def test_packed_rows_are_all_accounted_for(
     # A 135M model often loses or repeats ids in a pack: whatever it does, every row ends with
     # an answer read from an entry with its own id, or alone, or an error; none is lost.
     rows = pd.concat([people, people.set_axis([f"{i}-2" for i in people.index])])
-    rows["text"] = rows["text"] + [""] * 3 + [" (again)"] * 3
+    rows["text"] = rows["text"] + pd.Series([""] * 3 + [" (again)"] * 3, index=rows.index)
     options = {**OPTIONS, "max_tokens": 48, "errors": "coerce", "rows_per_request": 3}
     if kind == "generate":
         out = rows.llm.generate(PROMPT, base_url=local_model.url, **options)
