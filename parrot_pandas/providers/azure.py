@@ -18,6 +18,7 @@ from urllib.parse import quote, urlencode
 
 from .._secrets import redact_url
 from ..errors import APIError, StructuredOutputError
+from ._azure_batch import AzureBatch
 from ._url import endpoint
 from .base import Call, Completion
 from .openai import OpenAIProvider
@@ -98,6 +99,12 @@ class AzureOpenAIProvider(OpenAIProvider):
             error.message += " (on Azure, model= is the deployment name)"
             error.args = (error.message,)
         return error
+
+    # -- the Batch API (issue 14) -------------------------------------------------------------
+
+    def batch(self) -> AzureBatch:
+        """This resource's global-batch API (:class:`~._azure_batch.AzureBatch`)."""
+        return AzureBatch(self, self._base_url, self._headers, api_version=self._api_version)
 
 
 def _filtered(body: Any) -> bool:
