@@ -386,6 +386,22 @@ async def test_an_expired_batch_keeps_what_ran(srv: FakeServer, name: str) -> No
     assert again["stuck"].ok
 
 
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+async def test_steps_due_before_the_window_closed_still_happened(
+    srv: FakeServer, name: str
+) -> None:
+    fake(srv).step = 60
+    items = [("a", chat("one")), ("b", chat("two"))]
+    async with BatchClient(provider_for(name, srv), secret=KEY) as client:
+        (part,) = client.protocol.parts(items)
+        status = await client.submit(part)
+        fake(srv).advance(48 * 3600)  # nobody looked for two days
+        status = await client.retrieve(status.id)
+        assert (status.state, status.outcome) == ("ended", "completed")
+        results = await client.results(status, items)
+    assert all(r.ok for r in results.values())
+
+
 async def test_azure_does_not_expire_a_long_batch(srv: FakeServer) -> None:
     items = [("stuck", chat("BATCH_EXPIRE me"))]
     async with BatchClient(provider_for("azure", srv), secret=KEY) as client:
