@@ -480,6 +480,12 @@ def test_openai_result_lines_become_completions_and_errors_with_live_verdicts() 
     assert (gone.code, gone.verdict.retry) == ("batch_missing", True)
 
 
+def test_an_unreadable_answer_line_is_worth_asking_again() -> None:
+    line = {"custom_id": "a", "response": {"status_code": 200, "body": "<html>oops"}, "error": None}
+    (result,) = openai().batch().read_results(jsonl(line), {"a": call()})
+    assert (result.error.code, result.error.verdict.retry) == ("batch_unreadable", True)
+
+
 def test_collect_fills_an_expired_or_cancelled_batch_and_keeps_the_first_result() -> None:
     first = LineResult("a", error=APIError("first"))
     second = LineResult("a", error=APIError("second"))

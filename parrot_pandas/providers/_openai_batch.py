@@ -242,7 +242,11 @@ class OpenAIBatch:
             return line_error(custom_id, message, code=code)
         status = _int(response.get("status_code"))
         body = response.get("body")
-        if 200 <= status < 300 and isinstance(body, Mapping):
+        if 200 <= status < 300 and not isinstance(body, Mapping):
+            # As a live 2xx with an unreadable body: worth asking again.
+            message = f"HTTP {status} with an unreadable body: {str(body)[:200]}"
+            return line_error(custom_id, message, code="batch_unreadable", status=status)
+        if 200 <= status < 300:
             try:
                 completion = self._provider.parse(call, body, {})
             except (APIError, StructuredOutputError) as exc:
