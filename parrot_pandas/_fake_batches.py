@@ -190,8 +190,15 @@ class _Batch:
 class FakeBatches:
     """The Batch APIs of a fake server: files, batches, their clock and their faults.
 
-    Attributes (set them on a running server; they apply from the next look at a batch)
+    Each parameter is also an attribute of the same name, which a test may set on a running
+    server: it applies from the next look at a batch.
+
+    Parameters
     ----------
+    api_key : str, optional
+        The key every request must carry, each API's way (never echoed).
+    clock : callable, default time.time
+        Wall-clock seconds; the batches' times are this plus every :meth:`advance`.
     step : float
         Seconds of the clock per status change; ``0`` moves a batch as far as it can at
         every look (a batch is done when it is first retrieved).
