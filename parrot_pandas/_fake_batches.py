@@ -190,8 +190,8 @@ class _Batch:
 class FakeBatches:
     """The Batch APIs of a fake server: files, batches, their clock and their faults.
 
-    Each parameter is also an attribute of the same name, which a test may set on a running
-    server: it applies from the next look at a batch.
+    Every parameter but ``api_key`` and ``clock`` is also an attribute of the same name, which
+    a test may set on a running server: it applies from the next look at a batch.
 
     Parameters
     ----------
