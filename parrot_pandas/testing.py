@@ -65,6 +65,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ._fake_batches import mount as mount_batches
 from ._fake_packing import PackedModel, check_pack_faults
 
 __all__ = ["FAULTS", "FakeServer", "ServerConfig", "TokenBucket", "main", "make_app"]
@@ -1447,6 +1448,7 @@ def make_app(
     app.router.add_post("/openai/deployments/{deployment}/chat/completions", server.azure_chat)
     app.router.add_get("/_stats", server.get_stats)
     app.router.add_post("/_reset", server.reset_stats)
+    mount_batches(app, api_key=server.config.api_key)  # before the catch-all: routes match in order
     app.router.add_route("*", "/{tail:.*}", server.not_found)
     return app
 
