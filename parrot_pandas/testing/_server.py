@@ -65,7 +65,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ._fake_packing import PackedModel, check_pack_faults
+from ._packing import PackedModel, check_pack_faults
 
 __all__ = ["FAULTS", "FakeServer", "ServerConfig", "TokenBucket", "main", "make_app"]
 
