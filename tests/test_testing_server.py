@@ -17,13 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from parrot_pandas.testing import (
-    FakeServer,
-    ServerConfig,
-    TokenBucket,
-    _format_duration,
-    make_app,
-)
+from parrot_pandas.testing import FakeServer, ServerConfig
+from parrot_pandas.testing._bucket import TokenBucket
+from parrot_pandas.testing._openai import format_duration
+from parrot_pandas.testing._server import make_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,7 +363,7 @@ def test_token_bucket_refills_with_a_fake_clock(fake_clock):
     ],
 )
 def test_durations_use_openais_format(seconds, text):
-    assert _format_duration(seconds) == text
+    assert format_duration(seconds) == text
 
 
 async def test_429_carries_openai_message_and_every_header(fake_clock):
