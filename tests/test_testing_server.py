@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -689,6 +690,65 @@ def test_threaded_server_works_from_sync_code():
         assert srv.stats()["by_prompt"] == {"sync": 1}
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{srv.url}/models", timeout=2)
+
+
+USER_TESTS = """
+import urllib.request
+
+import pandas as pd
+import pytest
+
+import parrot_pandas  # noqa: F401
+from parrot_pandas.testing import ServerConfig
+
+URLS = []
+
+
+def test_default_server(fake_server):
+    frame = pd.DataFrame({"text": ["hi"]})
+    out = frame.llm.generate("${text}", base_url=fake_server.url, api_key="x", cache=False)
+    assert list(out["output"]) == ["echo: hi"]
+    URLS.append(fake_server.url)
+
+
+def test_factory(fake_server_factory):
+    limited = fake_server_factory(rpm=600, models=["m"])
+    slow = fake_server_factory(ServerConfig(latency=0.01), api_key="k")
+    assert (limited.config.rpm, limited.config.models) == (600, ("m",))
+    assert (slow.config.latency, slow.config.api_key) == (0.01, "k")
+    assert limited.url != slow.url
+    URLS.extend([limited.url, slow.url])
+
+
+def test_every_server_stopped_after_its_test():
+    assert len(URLS) == 3
+    for url in URLS:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/models", timeout=2)
+"""
+
+
+@pytest.mark.slow
+def test_pytest_plugin_gives_a_users_tests_servers_and_stops_them(tmp_path):
+    # A user's project: one line in conftest.py enables the fixtures.
+    (tmp_path / "conftest.py").write_text(
+        'pytest_plugins = ["parrot_pandas.testing.pytest_plugin"]\n'
+    )
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
 
 
 def test_cli_prints_the_url_and_serves_until_terminated():

@@ -44,6 +44,19 @@ From a shell (prints the base URL once it listens, serves until SIGTERM / Ctrl-C
 
     python -m parrot_pandas.testing --port 0 --latency 0.2 --rpm 1200
 
+In pytest, enable the fixtures in your ``conftest.py`` (pytest is not a dependency of
+parrot_pandas, so they live in their own module)::
+
+    # conftest.py
+    pytest_plugins = ["parrot_pandas.testing.pytest_plugin"]
+
+    # test_summaries.py
+    def test_summaries(fake_server, df):
+        out = df.llm.generate("Summarize: ${text}", base_url=fake_server.url, api_key="x")
+
+``fake_server`` is a well-behaved server; ``fake_server_factory(rpm=600, fail_rate=0.1)``
+starts servers with any :class:`ServerConfig` fields. Both are stopped after the test.
+
 Inside the package
 ------------------
 The names above are the public ones; the modules behind them are private, one concern each:
@@ -57,7 +70,7 @@ The names above are the public ones; the modules behind them are private, one co
 - ``_openai.py``, ``_azure.py``, ``_anthropic.py``: one protocol dialect each: reading,
   checking and answering its requests in its API's shapes;
 - ``_server.py``: the aiohttp application, its routes and counters, and :class:`FakeServer`;
-- ``__main__.py``: the command line.
+- ``__main__.py``: the command line; ``pytest_plugin.py``: the pytest fixtures.
 
 Every protocol endpoint is mounted in ``_server.make_app``, before the catch-all 404: the chat
 routes above, ``/_stats`` and ``/_reset``, and that is where the Files and Batches endpoints
