@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -773,3 +774,89 @@ def test_cli_prints_the_url_and_serves_until_terminated():
         proc.terminate()
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr
+
+
+# --- the oracle imports nothing of the client -------------------------------------------
+
+KIT = "parrot_pandas.testing"
+
+
+def imported_names(source: str, module: str) -> set[str]:
+    """Every name ``source`` (the code of ``module``) imports, as a dotted path from the top:
+    ``import a.b`` gives ``a.b``, ``from a import b`` gives ``a.b``, relative imports resolved."""
+    package = module.rsplit(".", 1)[0]  # a package's own code is "<package>.__init__"
+    names = set()
+    for node in ast.walk(ast.parse(source)):  # nested imports too: in functions, TYPE_CHECKING
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{anchor}.{base}" if node.module else anchor
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def client_imports(source: str, module: str) -> set[str]:
+    """What ``source`` imports from parrot_pandas outside the test kit."""
+    return {
+        name
+        for name in imported_names(source, module)
+        if (name == "parrot_pandas" or name.startswith("parrot_pandas."))
+        and not (name == KIT or name.startswith(KIT + "."))
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "bad"),
+    [
+        ("from .. import errors", f"{KIT}._openai", {"parrot_pandas.errors"}),
+        ("from ..errors import APIError", f"{KIT}._server", {"parrot_pandas.errors.APIError"}),
+        (
+            "from .._limits import TokenBucket",
+            f"{KIT}._bucket",
+            {"parrot_pandas._limits.TokenBucket"},
+        ),
+        ("from . import _config", f"{KIT}.__init__", set()),
+        ("from .. import _cache", f"{KIT}.__init__", {"parrot_pandas._cache"}),
+        ("import parrot_pandas", f"{KIT}._model", {"parrot_pandas"}),
+        ("import parrot_pandas._cache as c", f"{KIT}._model", {"parrot_pandas._cache"}),
+        (
+            "def f():\n    from parrot_pandas import _secrets",
+            f"{KIT}._faults",
+            {"parrot_pandas._secrets"},
+        ),
+        (
+            "if TYPE_CHECKING:\n    from ..providers import Call",
+            f"{KIT}._azure",
+            {"parrot_pandas.providers.Call"},
+        ),
+        ("from ._model import Job\nfrom . import _openai", f"{KIT}._server", set()),
+        ("from parrot_pandas.testing._model import Job\nimport aiohttp", f"{KIT}._server", set()),
+    ],
+)
+def test_the_import_walk_sees_client_imports(source, module, bad):
+    # The check below is only as good as this walk: it must see every spelling.
+    assert client_imports(source, module) == bad
+
+
+def test_the_test_kit_imports_no_client_code():
+    # The server is the oracle the client is tested against: it must not share the client's
+    # code (not even its errors), or a client bug could hide in both at once.
+    kit = ROOT / "parrot_pandas" / "testing"
+    files = sorted(kit.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "_server.py", "_openai.py", "_faults.py"}
+    inside: set[str] = set()
+    for path in files:
+        module = f"{KIT}.{path.stem}"
+        source = path.read_text(encoding="utf-8")
+        assert client_imports(source, module) == set(), path.name
+        inside |= {
+            ".".join(name.split(".")[:3])  # the kit's module it names
+            for name in imported_names(source, module)
+            if name.startswith(KIT + ".")
+        }
+    # The walk saw the modules import one another, so it did read the imports.
+    assert {f"{KIT}._model", f"{KIT}._openai", f"{KIT}._config", f"{KIT}._server"} <= inside

@@ -78,7 +78,8 @@ routes above, ``/_stats`` and ``/_reset``, and that is where the Files and Batch
 
 The package imports nothing of the client (``parrot_pandas._*`` outside ``testing/``, not even
 ``parrot_pandas.errors``): it reads requests as the providers document them, so it is an
-independent oracle for the client's code.
+independent oracle for the client's code (``tests/test_testing_server.py`` walks the
+imports to keep it so).
 """
 
 from __future__ import annotations
