@@ -11,12 +11,12 @@ import pytest
 from aiohttp import web
 
 from parrot_pandas._batch import BatchClient
-from parrot_pandas._fake_batches import FakeBatches
 from parrot_pandas.errors import APIError
 from parrot_pandas.providers import AnthropicProvider, AzureOpenAIProvider, Call, OpenAIProvider
 from parrot_pandas.providers._batch import BatchLimits
 from parrot_pandas.providers._prompt_cache import CacheUsage
 from parrot_pandas.testing import FakeServer
+from parrot_pandas.testing._batches import FakeBatches
 
 KEY = "sk-fake-batches-0123456789"
 API_VERSION = "2024-10-21"

@@ -66,7 +66,6 @@ import hashlib
 import hmac
 import itertools
 import json
-import math
 import random
 import re
 import threading
@@ -78,6 +77,9 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+
+from ._anthropic import rfc3339
+from ._model import count_tokens, message_text
 
 __all__ = ["FakeBatches", "mount"]
 
@@ -913,11 +915,11 @@ class FakeBatches:
             "type": "message_batch",
             "processing_status": batch.status,
             "request_counts": request_counts,
-            "ended_at": _rfc3339(batch.times["ended"]) if ended else None,
-            "created_at": _rfc3339(batch.created_at),
-            "expires_at": _rfc3339(batch.expires_at),
+            "ended_at": rfc3339(batch.times["ended"]) if ended else None,
+            "created_at": rfc3339(batch.created_at),
+            "expires_at": rfc3339(batch.expires_at),
             "archived_at": None,
-            "cancel_initiated_at": _rfc3339(cancel) if cancel is not None else None,
+            "cancel_initiated_at": rfc3339(cancel) if cancel is not None else None,
             "results_url": f"{batch.origin}/v1/messages/batches/{batch.id}/results"
             if ended
             else None,
@@ -990,8 +992,10 @@ class FakeBatches:
             schemas.append((fmt.get("json_schema") or {}).get("schema"))
         schemas = [s for s in schemas if s]
         head = messages[:-1]
-        tokens = sum(_tokens(_text(m.get("content"))) for m in head if isinstance(m, dict))
-        tokens += sum(_tokens(json.dumps(s)) for s in schemas)
+        tokens = sum(
+            count_tokens(message_text(m.get("content"))) for m in head if isinstance(m, dict)
+        )
+        tokens += sum(count_tokens(json.dumps(s)) for s in schemas)
         tokens = min(tokens, int(usage.get("prompt_tokens") or 0))
         prefix = {"model": body.get("model"), "head": head, "schemas": schemas}
         cached = tokens if self._lookup(prefix, tokens, batch) == "read" else 0
@@ -1015,17 +1019,19 @@ class FakeBatches:
         parts: list[tuple[Any, int, bool]] = []
         for tool in tools:
             parts.append(
-                (tool, _tokens(json.dumps(tool.get("input_schema"))), "cache_control" in tool)
+                (tool, count_tokens(json.dumps(tool.get("input_schema"))), "cache_control" in tool)
             )
         for block in system_blocks:
-            parts.append((block, _tokens(str(block.get("text") or "")), "cache_control" in block))
+            parts.append(
+                (block, count_tokens(str(block.get("text") or "")), "cache_control" in block)
+            )
         for message in messages:
             content = message.get("content")
             blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
             for block in blocks:
                 if isinstance(block, dict):
                     marked = "cache_control" in block
-                    parts.append((block, _tokens(_text([block])), marked))
+                    parts.append((block, count_tokens(message_text([block])), marked))
         end = max((i for i, (_, _, marked) in enumerate(parts) if marked), default=None)
         if end is None and "cache_control" in body and messages:
             last = messages[-1].get("content")
@@ -1080,24 +1086,3 @@ def _azure_error(status: int, code: str, message: str) -> web.Response:
 def _anthropic_error(status: int, type_: str, message: str) -> web.Response:
     body = {"type": "error", "error": {"type": type_, "message": message}}
     return web.json_response(body, status=status)
-
-
-def _tokens(text: str) -> int:
-    # The server's rule: four characters a token, rounded up.
-    return -(-len(text) // 4)
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return ""
-
-
-def _rfc3339(when: float) -> str:
-    stamp = time.gmtime(math.floor(when))
-    fraction = f"{when - math.floor(when):.6f}"[1:]
-    return time.strftime("%Y-%m-%dT%H:%M:%S", stamp) + fraction + "Z"
