@@ -96,13 +96,7 @@ def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
             pass
     except KeyboardInterrupt:
         interrupted.set()
-        started.wait(1.0)
-        task = outcome.get("task")
-        if task is not None:
-            try:
-                loop.call_soon_threadsafe(task.cancel)
-            except RuntimeError:
-                pass  # the loop already finished and closed: nothing left to cancel
+        _cancel(loop, outcome, started)
         # Not thread.join: on Python 3.11 a join cut short by Ctrl-C marks the thread as
         # stopped while it still runs, and every later join returns at once.
         finished.wait(_CANCEL_GRACE)
@@ -188,13 +182,20 @@ def iterate_sync(make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
                     return
         finally:
             stop.set()
-            started.wait(1.0)
-            task = outcome.get("task")
-            if task is not None:
-                try:
-                    loop.call_soon_threadsafe(task.cancel)
-                except RuntimeError:
-                    pass  # already finished
+            _cancel(loop, outcome, started)
             thread.join(_CANCEL_GRACE)
 
     return consume()
+
+
+def _cancel(
+    loop: asyncio.AbstractEventLoop, outcome: dict[str, Any], started: threading.Event
+) -> None:
+    """Cancel the worker thread's task from the calling thread, once it has one."""
+    started.wait(1.0)
+    task = outcome.get("task")
+    if task is not None:
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            pass  # the loop already finished and closed: nothing left to cancel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -14,6 +14,9 @@ import pytest
 import parrot_pandas  # noqa: F401  (registers DataFrame.llm)
 from parrot_pandas._limits import RateBudget
 from parrot_pandas.testing import FakeServer
+
+# The fixtures a library user gets: fake_server and fake_server_factory.
+pytest_plugins = ["parrot_pandas.testing.pytest_plugin"]
 
 
 class FakeClock:
@@ -117,25 +120,17 @@ def _clean_environment(
 
 
 @pytest.fixture
-def server_factory() -> Iterator[Callable[..., FakeServer]]:
-    """Start FakeServers with any ServerConfig fields; all are stopped after the test."""
-    started: list[FakeServer] = []
-
-    def start(**config: object) -> FakeServer:
-        server = FakeServer(**config)
-        server.__enter__()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.__exit__(None, None, None)
+def server_factory(
+    fake_server_factory: Callable[..., FakeServer],
+) -> Callable[..., FakeServer]:
+    """The plugin's ``fake_server_factory``, under the name these tests have always used."""
+    return fake_server_factory
 
 
 @pytest.fixture
-def server(server_factory: Callable[..., FakeServer]) -> FakeServer:
-    """A well-behaved local OpenAI-compatible server."""
-    return server_factory()
+def server(fake_server: FakeServer) -> FakeServer:
+    """The plugin's ``fake_server``: a well-behaved local server."""
+    return fake_server
 
 
 @pytest.fixture

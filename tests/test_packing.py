@@ -1,5 +1,5 @@
 """Tests for parrot_pandas._packing (several rows per request) and the test server's packed
-answers (parrot_pandas._fake_packing): format, schema, id checking, halving, auto sizing."""
+answers (parrot_pandas.testing._packing): format, schema, id checking, halving, auto sizing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import Any, Literal
 import pytest
 
 from parrot_pandas._config import RunConfig
-from parrot_pandas._fake_packing import PACK_FAULTS, PackedModel, check_pack_faults
 from parrot_pandas._packing import (
     DEFAULT_AUTO_ROWS,
     ENVELOPE_TOKENS,
@@ -38,6 +37,7 @@ from parrot_pandas._template import PromptTemplate
 from parrot_pandas._tokens import Tokenizer
 from parrot_pandas.providers import AnthropicProvider, OpenAIProvider
 from parrot_pandas.testing import ServerConfig
+from parrot_pandas.testing._packing import PACK_FAULTS, PackedModel, check_pack_faults
 
 CONFIG = RunConfig(model="m", base_url="http://127.0.0.1:9/v1", params=(("max_tokens", 40),))
 FIELDS = normalize_fields({"name": str, "year": int, "kind": Literal["a", "b"] | None})

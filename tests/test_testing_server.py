@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -9,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -17,13 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from parrot_pandas.testing import (
-    FakeServer,
-    ServerConfig,
-    TokenBucket,
-    _format_duration,
-    make_app,
-)
+from parrot_pandas.testing import FakeServer, ServerConfig
+from parrot_pandas.testing._bucket import TokenBucket
+from parrot_pandas.testing._openai import format_duration
+from parrot_pandas.testing._server import make_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,7 +365,7 @@ def test_token_bucket_refills_with_a_fake_clock(fake_clock):
     ],
 )
 def test_durations_use_openais_format(seconds, text):
-    assert _format_duration(seconds) == text
+    assert format_duration(seconds) == text
 
 
 async def test_429_carries_openai_message_and_every_header(fake_clock):
@@ -694,6 +693,65 @@ def test_threaded_server_works_from_sync_code():
         urllib.request.urlopen(f"{srv.url}/models", timeout=2)
 
 
+USER_TESTS = """
+import urllib.request
+
+import pandas as pd
+import pytest
+
+import parrot_pandas  # noqa: F401
+from parrot_pandas.testing import ServerConfig
+
+URLS = []
+
+
+def test_default_server(fake_server):
+    frame = pd.DataFrame({"text": ["hi"]})
+    out = frame.llm.generate("${text}", base_url=fake_server.url, api_key="x", cache=False)
+    assert list(out["output"]) == ["echo: hi"]
+    URLS.append(fake_server.url)
+
+
+def test_factory(fake_server_factory):
+    limited = fake_server_factory(rpm=600, models=["m"])
+    slow = fake_server_factory(ServerConfig(latency=0.01), api_key="k")
+    assert (limited.config.rpm, limited.config.models) == (600, ("m",))
+    assert (slow.config.latency, slow.config.api_key) == (0.01, "k")
+    assert limited.url != slow.url
+    URLS.extend([limited.url, slow.url])
+
+
+def test_every_server_stopped_after_its_test():
+    assert len(URLS) == 3
+    for url in URLS:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/models", timeout=2)
+"""
+
+
+@pytest.mark.slow
+def test_pytest_plugin_gives_a_users_tests_servers_and_stops_them(tmp_path):
+    # A user's project: one line in conftest.py enables the fixtures.
+    (tmp_path / "conftest.py").write_text(
+        'pytest_plugins = ["parrot_pandas.testing.pytest_plugin"]\n'
+    )
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+
+
 def test_cli_prints_the_url_and_serves_until_terminated():
     env = {
         **os.environ,
@@ -716,3 +774,89 @@ def test_cli_prints_the_url_and_serves_until_terminated():
         proc.terminate()
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr
+
+
+# --- the oracle imports nothing of the client -------------------------------------------
+
+KIT = "parrot_pandas.testing"
+
+
+def imported_names(source: str, module: str) -> set[str]:
+    """Every name ``source`` (the code of ``module``) imports, as a dotted path from the top:
+    ``import a.b`` gives ``a.b``, ``from a import b`` gives ``a.b``, relative imports resolved."""
+    package = module.rsplit(".", 1)[0]  # a package's own code is "<package>.__init__"
+    names = set()
+    for node in ast.walk(ast.parse(source)):  # nested imports too: in functions, TYPE_CHECKING
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{anchor}.{base}" if node.module else anchor
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def client_imports(source: str, module: str) -> set[str]:
+    """What ``source`` imports from parrot_pandas outside the test kit."""
+    return {
+        name
+        for name in imported_names(source, module)
+        if (name == "parrot_pandas" or name.startswith("parrot_pandas."))
+        and not (name == KIT or name.startswith(KIT + "."))
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "bad"),
+    [
+        ("from .. import errors", f"{KIT}._openai", {"parrot_pandas.errors"}),
+        ("from ..errors import APIError", f"{KIT}._server", {"parrot_pandas.errors.APIError"}),
+        (
+            "from .._limits import TokenBucket",
+            f"{KIT}._bucket",
+            {"parrot_pandas._limits.TokenBucket"},
+        ),
+        ("from . import _config", f"{KIT}.__init__", set()),
+        ("from .. import _cache", f"{KIT}.__init__", {"parrot_pandas._cache"}),
+        ("import parrot_pandas", f"{KIT}._model", {"parrot_pandas"}),
+        ("import parrot_pandas._cache as c", f"{KIT}._model", {"parrot_pandas._cache"}),
+        (
+            "def f():\n    from parrot_pandas import _secrets",
+            f"{KIT}._faults",
+            {"parrot_pandas._secrets"},
+        ),
+        (
+            "if TYPE_CHECKING:\n    from ..providers import Call",
+            f"{KIT}._azure",
+            {"parrot_pandas.providers.Call"},
+        ),
+        ("from ._model import Job\nfrom . import _openai", f"{KIT}._server", set()),
+        ("from parrot_pandas.testing._model import Job\nimport aiohttp", f"{KIT}._server", set()),
+    ],
+)
+def test_the_import_walk_sees_client_imports(source, module, bad):
+    # The check below is only as good as this walk: it must see every spelling.
+    assert client_imports(source, module) == bad
+
+
+def test_the_test_kit_imports_no_client_code():
+    # The server is the oracle the client is tested against: it must not share the client's
+    # code (not even its errors), or a client bug could hide in both at once.
+    kit = ROOT / "parrot_pandas" / "testing"
+    files = sorted(kit.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "_server.py", "_openai.py", "_faults.py"}
+    inside: set[str] = set()
+    for path in files:
+        module = f"{KIT}.{path.stem}"
+        source = path.read_text(encoding="utf-8")
+        assert client_imports(source, module) == set(), path.name
+        inside |= {
+            ".".join(name.split(".")[:3])  # the kit's module it names
+            for name in imported_names(source, module)
+            if name.startswith(KIT + ".")
+        }
+    # The walk saw the modules import one another, so it did read the imports.
+    assert {f"{KIT}._model", f"{KIT}._openai", f"{KIT}._config", f"{KIT}._server"} <= inside

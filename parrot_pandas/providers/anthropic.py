@@ -36,6 +36,8 @@ from typing import Any
 from .._limits import LimitInfo, parse_retry_after
 from .._secrets import redact_url
 from ..errors import RATE_LIMITED, APIError, ConfigurationError, StructuredOutputError, Verdict
+from ._anthropic_batch import AnthropicBatch
+from ._prompt_cache import CacheUsage, anthropic_cache_control, anthropic_cache_usage
 from ._url import base_path, endpoint, with_path
 from .base import (
     ROW_REFUSED,
@@ -329,6 +331,24 @@ class AnthropicProvider:
             reset_tokens=reset_tokens,
             retry_after=parse_retry_after(headers),
         )
+
+    # -- prompt caching and the Batch API (issue 14) -----------------------------------------
+
+    def with_prompt_cache(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``body`` with ``cache_control`` on the end of its shared prefix (tools, system) when
+        that prefix is long enough for the model to cache. Idempotent."""
+        return anthropic_cache_control(body)
+
+    def cache_usage(self, body: Any) -> CacheUsage:
+        """Prompt-cache tokens of a Messages body (``cache_read_input_tokens``,
+        ``cache_creation_input_tokens``)."""
+        return anthropic_cache_usage(body)
+
+    def batch(self) -> AnthropicBatch:
+        """This provider's Message Batches API (:class:`~._anthropic_batch.AnthropicBatch`)."""
+        # The base URL is the messages endpoint's, without its path.
+        base = with_path(self._url, base_path(self._url).removesuffix("/v1/messages"))
+        return AnthropicBatch(self, base, self._headers)
 
 
 def parse_reset_time(value: str | None, now: float) -> float | None:

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 
 from .._secrets import redact_url
 from ..errors import APIError
+from ._azure_batch import AzureBatch
 from ._url import endpoint
 from .base import Call
 from .openai import OpenAIProvider
@@ -91,3 +92,9 @@ class AzureOpenAIProvider(OpenAIProvider):
             error.message += " (on Azure, model= is the deployment name)"
             error.args = (error.message,)
         return error
+
+    # -- the Batch API (issue 14) -------------------------------------------------------------
+
+    def batch(self) -> AzureBatch:
+        """This resource's global-batch API (:class:`~._azure_batch.AzureBatch`)."""
+        return AzureBatch(self, self._base_url, self._headers, api_version=self._api_version)

@@ -23,10 +23,13 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._limits import LimitInfo, parse_duration, parse_retry_after
 from .._secrets import redact_url
 from ..errors import RATE_LIMITED, APIError, StructuredOutputError, Verdict
+from ._openai_batch import OpenAIBatch
+from ._prompt_cache import CacheUsage, openai_cache_usage, prefix_key
 from ._url import base_path, endpoint, with_path
 from .base import (
     ROW_FILTERED,
@@ -302,6 +305,31 @@ class OpenAIProvider:
             reset_tokens=_duration(headers.get("x-ratelimit-reset-tokens")),
             retry_after=parse_retry_after(headers),
         )
+
+    # -- prompt caching and the Batch API (issue 14) -----------------------------------------
+
+    def with_prompt_cache(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``body`` with OpenAI's ``prompt_cache_key``: a hash of ``call``'s shared prefix.
+
+        Sent only to the vendor's own hosts (:attr:`vendor_hosts`): a compatible server may
+        refuse or warn about a field it does not know. Idempotent.
+        """
+        out = dict(body)
+        if self._is_vendor_host():
+            out.setdefault("prompt_cache_key", prefix_key(call))
+        return out
+
+    def cache_usage(self, body: Any) -> CacheUsage:
+        """Prompt-cache tokens of a response body (``prompt_tokens_details.cached_tokens``)."""
+        return openai_cache_usage(body)
+
+    def batch(self) -> OpenAIBatch:
+        """This provider's Batch API (:class:`~._openai_batch.OpenAIBatch`)."""
+        return OpenAIBatch(self, self._base_url, self._headers)
+
+    def _is_vendor_host(self) -> bool:
+        hosts = self.vendor_hosts
+        return bool(hosts) and (urlsplit(self._base_url).hostname or "") in hosts
 
 
 def _structured_fields(call: Call) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The test server's packed answers: several rows in one request, answered and spoilt on purpose.
 
-Part of the test kit (it moves into ``parrot_pandas/testing/`` with the server). It imports
-nothing of the client: the server is an independent oracle, and it reads the packed format as
-the client's design note (``parrot_pandas/_packing.py``) states it, not through its code.
+It imports nothing of the client: the server is an independent oracle, and it reads the
+packed format as the client's design note (``parrot_pandas/_packing.py``) states it, not
+through its code.
 
 A request is packed when its last user message holds ``<row id="N">`` blocks and its answer
 schema (a tool's parameters, a response format, or the JSON Schema in the system text) is
