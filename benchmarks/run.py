@@ -302,13 +302,17 @@ class Server:
         self.url = ""
         self._log = tempfile.TemporaryFile(mode="w+")
 
-    def __enter__(self) -> Server:
+    def command(self) -> list[str]:
+        """The server's command line: its options as ``--name value`` flags."""
         cmd = [sys.executable, "-m", "parrot_pandas.testing", "--host", "127.0.0.1", "--port", "0"]
         for name, value in self.options.items():
             if value is not None:
                 cmd += [f"--{name.replace('_', '-')}", str(value)]
+        return cmd
+
+    def __enter__(self) -> Server:
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=_env()
+            self.command(), stdout=subprocess.PIPE, stderr=self._log, text=True, env=_env()
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
@@ -398,9 +402,7 @@ def scenario_overhead(quick: bool, profile_dir: str | None) -> list[Row]:
     runs: dict[str, list[dict[str, Any]]] = {"parrot": [], "bare": []}
     for _ in range(reps):
         for variant in ("parrot", "bare"):  # alternated, so drift hits both alike
-            runs[variant].append(
-                measure(1, variant, {}, quick=quick, profile_dir=profile_dir)
-            )
+            runs[variant].append(measure(1, variant, {}, quick=quick, profile_dir=profile_dir))
     per_k = {
         v: statistics.median(r["cpu"] / r["rows"] * 1000 for r in rs) for v, rs in runs.items()
     }
@@ -418,9 +420,7 @@ def scenario_overhead(quick: bool, profile_dir: str | None) -> list[Row]:
     ]  # fmt: skip
 
 
-def _limited_rows(
-    label: str, r: dict[str, Any], floor: float, floor_text: str
-) -> list[Row]:
+def _limited_rows(label: str, r: dict[str, Any], floor: float, floor_text: str) -> list[Row]:
     ratio = r["wall"] / floor
     share = _share_429(r["server"])
     s = r["server"]
@@ -565,21 +565,36 @@ def orchestrate(args: argparse.Namespace) -> int:
          "Run with `python benchmarks/run.py` (see benchmarks/README.md).", ""]
     )  # fmt: skip
     print(text)
-    Path(args.output).write_text(text)
+    output = Path(args.output)
+    # Keep the section packing_bench.py writes (it has its own server settings and sizes).
+    old = output.read_text() if output.exists() else ""
+    if "<!-- packing -->" in old:
+        text += "\n" + old[old.index("<!-- packing -->") :]
+    output.write_text(text)
     print(f"written to {args.output}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", action="append", metavar="N",
-                   help="run only scenario N (1-4); repeat or comma-separate for several")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="N",
+        help="run only scenario N (1-4); repeat or comma-separate for several",
+    )
     p.add_argument("--quick", action="store_true", help="smaller sizes, for iterating")
-    p.add_argument("--no-cache-run", action="store_true",
-                   help="scenario 4: skip the run with the default cache")
+    p.add_argument(
+        "--no-cache-run",
+        action="store_true",
+        help="scenario 4: skip the run with the default cache",
+    )
     p.add_argument("--output", default=str(HERE / "results.md"), help="where to write the table")
-    p.add_argument("--profile-dir", default=None,
-                   help="write a cProfile .prof of every measured client call here")
+    p.add_argument(
+        "--profile-dir",
+        default=None,
+        help="write a cProfile .prof of every measured client call here",
+    )
     # Child mode, used by the orchestrator.
     p.add_argument("--scenario", type=int, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="parrot", help=argparse.SUPPRESS)

@@ -78,6 +78,7 @@ RUN_SETTINGS = frozenset(
         "progress",
         "running_loop",
         "structured",
+        "rows_per_request",
     }
 )
 
@@ -115,6 +116,7 @@ class RunConfig:
     progress: bool | None = None
     running_loop: str = "thread"
     structured: str = "auto"
+    rows_per_request: int | str = 1
 
     def __repr__(self) -> str:
         # A base_url may carry credentials (https://user:secret@host, ?key=...): never shown.
@@ -541,9 +543,20 @@ def _check_run_settings(settings: Mapping[str, Any]) -> None:
             f"structured must be 'auto' or one of {list(STRUCTURED_STRATEGIES)}, "
             f"got {settings['structured']!r}"
         )
+    _check_rows_per_request(settings.get("rows_per_request", 1))
     cache = settings.get("cache", True)
     if not isinstance(cache, (bool, str, os.PathLike)):
         raise ConfigurationError(f"cache must be True, False or a file path, got {cache!r}")
+
+
+def _check_rows_per_request(value: Any) -> None:
+    if value == "auto" and isinstance(value, str):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            "rows_per_request must be an integer >= 1 (rows sent in one request; 1, the "
+            f'default, sends each row alone) or "auto" (sized from the limits), got {value!r}'
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,8 @@ import pandas as pd
 from ._cache import open_cache
 from ._events import RowsDone, RunStats
 from ._feed import Feed, Job
+from ._packer import auto_bounds, packed_strategy
+from ._packing import PackedPlan, template_ends
 from ._pricing import cost, price_of
 from ._tokens import Tokenizer, tokenizer
 
@@ -62,6 +64,17 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
           the price or ``completion_tokens`` is unknown
         - ``tokenizer``: how tokens were counted (tiktoken's encoding, or the approximation)
 
+        With ``rows_per_request`` other than 1, next to those unpacked figures, the same for
+        packed requests (assuming every id maps: re-asks, like retries, add requests):
+
+        - ``rows_per_request``: the rows a pack would hold (``"auto"``: what it would start
+          with, from ``rpm`` / ``tpm`` as given, the model's context window and
+          ``max_tokens``; a run also reads the limits its server announces)
+        - ``packed_requests``: the setup request (one row, alone) plus the packs
+        - ``packed_prompt_tokens``: their prompts, the shared instructions once per request
+        - ``packed_completion_tokens``: packed ``max_tokens`` x samples asked, per request
+        - ``packed_cost``: USD, as ``cost``
+
     Examples
     --------
     >>> df.llm.estimate("Summarize: ${text}", max_tokens=200)  # doctest: +SKIP
@@ -79,6 +92,7 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
 
     sent: list[Job] = []
     requests = prompt_tokens = samples_asked = 0
+    packing = _Packing(plan, template, counter) if config.rows_per_request != 1 else None
     cache = None if config.refresh else open_cache(config.cache, readonly=True)
     try:
         feed = Feed(plan, finish=cached, cache=cache, emit=stats)
@@ -88,6 +102,8 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
             requests += len(asks)
             samples_asked += sum(asks)
             prompt_tokens += len(asks) * (counter.messages(plan.messages(job.prompt)) + structured)
+            if packing is not None:
+                packing.add(job.prompt, asks)
             job.prompt = None  # counted; only the number of rows sharing it is still needed
             sent.append(job)
     finally:
@@ -111,6 +127,8 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
         "cost": cost(model, prompt_tokens, completion_tokens),
         "tokenizer": counter.name,
     }
+    if packing is not None:
+        facts.update(packing.facts())
     return pd.Series(facts, name="estimate", dtype=object)
 
 
@@ -119,3 +137,105 @@ def _structured_tokens(plan: RequestPlan, counter: Tokenizer) -> int:
     if plan.schema is None or plan.strategy not in ("tools", "json_schema"):
         return 0  # free text, or the schema travels inside the messages already
     return counter.schema(plan.schema, tool=plan.strategy == "tools")
+
+
+class _Packing:
+    """The packed figures of an estimate: the feed's jobs grouped as a packed run groups them.
+
+    The first job goes alone (the setup request); the rest go in packs of ``rows_per_request``
+    consecutive jobs, as workers take them. For ``"auto"`` the size comes from the first
+    :data:`_SAMPLE` jobs' prompts, so they are held until it is known.
+    """
+
+    _SAMPLE = 256
+
+    def __init__(self, plan: RequestPlan, template: PromptTemplate, counter: Tokenizer) -> None:
+        config = plan.config
+        strategy = packed_strategy(plan)
+        self.plan = plan
+        self.packed = PackedPlan(plan, *template_ends(template), strategy=strategy)
+        self.counter = counter
+        self.size: int | None = (
+            None if config.rows_per_request == "auto" else int(config.rows_per_request)
+        )
+        self._schema = (
+            counter.schema(self.packed.schema, tool=strategy == "tools")
+            if strategy in ("tools", "json_schema")
+            else 0
+        )
+        self._single = _structured_tokens(plan, counter)
+        self._pending: list[tuple[str, list[int]]] = []
+        self._first = True
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self._bounded = config.max_output_tokens is not None
+
+    def add(self, prompt: str, asks: list[int]) -> None:
+        if self._first:
+            # The setup request: one row, unpacked.
+            self._first = False
+            self.requests += len(asks)
+            self.prompt_tokens += len(asks) * (
+                self.counter.messages(self.plan.messages(prompt)) + self._single
+            )
+            self._output(1, sum(asks), unpacked=True)
+            return
+        self._pending.append((prompt, asks))
+        if self.size is None and len(self._pending) >= self._SAMPLE:
+            self._choose()
+        if self.size is not None:
+            while len(self._pending) >= self.size:
+                self._pack(self._pending[: self.size])
+                del self._pending[: self.size]
+
+    def _choose(self) -> None:
+        config = self.plan.config
+        prompts = [prompt for prompt, _ in self._pending]
+        row = sum(self.packed.row_tokens(self.counter, p) for p in prompts) / max(len(prompts), 1)
+        target, ceiling = auto_bounds(
+            self.packed,
+            rpm=config.rpm,
+            tpm=config.tpm,
+            shared=self.packed.shared_tokens(self.counter),
+            row_prompt=row,
+        )
+        self.size = max(1, min(target, ceiling))
+
+    def _pack(self, group: list[tuple[str, list[int]]]) -> None:
+        if len(group) == 1:
+            prompt, asks = group[0]
+            self.requests += len(asks)
+            self.prompt_tokens += len(asks) * (
+                self.counter.messages(self.plan.messages(prompt)) + self._single
+            )
+            self._output(1, sum(asks), unpacked=True)
+            return
+        # A pack asks what its neediest row lacks, a request's worth of samples at a time.
+        asks = max((a for _, a in group), key=sum)
+        messages = self.packed.messages([prompt for prompt, _ in group])
+        self.requests += len(asks)
+        self.prompt_tokens += len(asks) * (self.counter.messages(messages) + self._schema)
+        self._output(len(group), sum(asks), unpacked=False)
+
+    def _output(self, rows: int, samples: int, *, unpacked: bool) -> None:
+        if not self._bounded:
+            return
+        per_row = self.plan.config.max_output_tokens or 0
+        self.completion_tokens += samples * (
+            per_row if unpacked else self.packed.max_tokens(rows) or 0
+        )
+
+    def facts(self) -> dict[str, Any]:
+        if self.size is None:
+            self._choose()
+        rest, self._pending = self._pending, []
+        for start in range(0, len(rest), self.size or 1):
+            self._pack(rest[start : start + (self.size or 1)])
+        model = self.plan.config.model
+        completion = self.completion_tokens if self._bounded else None
+        return {
+            "rows_per_request": self.size,
+            "packed_requests": self.requests,
+            "packed_prompt_tokens": self.prompt_tokens,
+            "packed_completion_tokens": completion,
+            "packed_cost": cost(model, self.prompt_tokens, completion),
+        }

@@ -23,6 +23,7 @@ from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunStat
 from ._feed import LOOKUP_BATCH, Job
 from ._frame import ERROR_COLUMN, explode
 from ._limits import Budget, RateBudget
+from ._packing import MAX_AUTO_ROWS, template_ends
 from ._plan import RequestPlan
 from ._pricing import cost
 from ._progress import progress_listener
@@ -116,8 +117,11 @@ class Run:
         room_made = asyncio.Event()
         emitted = 0
         # Rows are rendered a lookup batch at a time, so the window must hold a chunk plus a
-        # batch, or workers could wait for room that only rows not yet handed out can make.
-        ahead = 2 * chunksize + 2 * self.config.max_concurrency + LOOKUP_BATCH
+        # batch, or workers could wait for room that only rows not yet handed out can make;
+        # and every worker may hold a whole pack of rows.
+        pack = self.config.rows_per_request
+        pack = MAX_AUTO_ROWS if pack == "auto" else int(pack)
+        ahead = 2 * chunksize + 2 * self.config.max_concurrency * pack + LOOKUP_BATCH
 
         def wake(event: Event) -> None:
             if isinstance(event, (RowsDone, RowsFailed, RowsSkipped)):
@@ -207,6 +211,7 @@ class Run:
                     budget if budget is not None else RateBudget(rpm=config.rpm, tpm=config.tpm),
                     cache=cache,
                     listeners=every,
+                    template_ends=template_ends(self.template),
                 )
                 try:
                     yield scheduler, stats
@@ -301,10 +306,19 @@ def _check_collisions(frame: pd.DataFrame, names: list[str], *, from_output: boo
 
 def _summary(facts: dict[str, Any]) -> str:
     limits = ", ".join(f"{k}={facts[k]:g}" for k in ("rpm", "tpm") if facts.get(k))
+    packed = ""
+    if facts.get("packed_requests"):
+        reasons = facts.get("reask_reasons") or {}
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        packed = (
+            f", {facts['packed_requests']} packed requests of up to "
+            f"{facts.get('rows_per_request')} rows ({facts.get('repacked_rows', 0)} rows asked "
+            f"again{': ' + why if why else ''})"
+        )
     return (
         f"llm run: {facts['rows']} rows ({facts['cached_rows']} from cache, "
         f"{facts['skipped_rows']} skipped, {facts['failed_rows']} failed), "
         f"{facts['requests']} requests ({facts['retries']} retries), "
         f"limits: {limits or 'none announced'}, concurrency {facts.get('concurrency')}, "
-        f"strategy {facts.get('strategy')}, {facts['elapsed']:.1f}s"
+        f"strategy {facts.get('strategy')}{packed}, {facts['elapsed']:.1f}s"
     )

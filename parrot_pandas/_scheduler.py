@@ -18,6 +18,9 @@ How a run goes
    declaration): retried only when ``verdict.retry``; a rate limit also pauses the whole budget
    until the announced reset. A ``row`` failure is recorded and the others go on; a ``run``
    failure stops the run, and every finished answer stays cached.
+5. With ``rows_per_request`` other than 1, a worker takes up to that many jobs at once and a
+   :class:`~parrot_pandas._packer.Packer` sends them as one request, keeping each row's answer
+   by its id and asking the rest again in halves; the setup request always goes alone.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from ._cache import ResponseCache
 from ._client import Client
@@ -46,9 +49,11 @@ from ._events import (
 )
 from ._feed import Feed, Job
 from ._limits import MAX_PAUSE, Budget, LimitInfo
+from ._packer import Packer
 from ._plan import RequestPlan
 from ._retry import RETRIED, RetryPolicy
 from .errors import RATE_LIMITED, APIConnectionError, APIError, StructuredOutputError, Verdict
+from .providers import Call, Completion
 
 __all__ = ["Scheduler"]
 
@@ -58,6 +63,8 @@ logger = logging.getLogger("parrot_pandas")
 # a server that fails every row (every answer truncated, a 500 on every prompt) is then paid
 # three times, not once per row.
 _SETUP_TRIES = 3
+
+T = TypeVar("T")
 
 
 class _Gate:
@@ -123,6 +130,9 @@ class Scheduler:
         Read in batches before requests, written as answers arrive.
     listeners : iterable of callables
         Receive every :class:`~parrot_pandas._events.Event`.
+    template_ends : (str, str)
+        The template's static text before and after its placeholders, sent once per packed
+        request (``config.rows_per_request`` other than 1).
 
     Attributes
     ----------
@@ -143,6 +153,7 @@ class Scheduler:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         retry_factor: float = 0.5,
         retry_max_wait: float = 30.0,
+        template_ends: tuple[str, str] = ("", ""),
     ) -> None:
         config = plan.config
         self.plan = plan
@@ -167,6 +178,8 @@ class Scheduler:
         )
         # Whether a strategy verdict on the setup request may fall back to the next strategy.
         self._probing = config.structured == "auto" and plan.fields is not None
+        # Several rows per request: the packed send path, in its own room (_packer).
+        self._packer = Packer(self, *template_ends) if config.rows_per_request != 1 else None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -217,6 +230,8 @@ class Scheduler:
         try:
             first = next(feed, None)
             if first is not None:
+                if self._packer is not None:
+                    self._packer.note(first.prompt)
                 await self._setup(first, feed)
                 await self._run_workers(feed, outcome, room, workers=rows)
             else:
@@ -311,6 +326,9 @@ class Scheduler:
     ) -> None:
         # Every worker pulls from the same lazy feed: rows are rendered only as they are needed,
         # and a slow request never holds back the others (no fixed chunks).
+        if self._packer is not None:
+            await self._pack_worker(feed, outcome, room, self._packer)
+            return
         gate = self._gate
         while True:
             if room is not None:
@@ -325,16 +343,56 @@ class Scheduler:
             finally:
                 gate.leave()
 
+    async def _pack_worker(
+        self,
+        feed: Iterator[Job],
+        outcome: list[Job | None],
+        room: Callable[[int], Awaitable[None]] | None,
+        packer: Packer,
+    ) -> None:
+        # A worker of a packed run: up to packer.size jobs per request. Room is awaited before
+        # a pack, never inside one, so the jobs a worker holds are always being answered.
+        while True:
+            if room is not None:
+                await room(len(outcome))
+            jobs: list[Job] = []
+            for _ in range(packer.size):
+                job = next(feed, None)
+                if job is None:
+                    break
+                jobs.append(job)
+            if not jobs:
+                return
+            if len(jobs) == 1:
+                await self._gated(self._process, jobs[0])
+            else:
+                await packer.answer(jobs)
+
+    async def _gated(self, work: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """``await work(*args, **kwargs)`` holding a slot of the concurrency gate."""
+        gate = self._gate
+        if not gate.enter_now():
+            await gate.enter()
+        try:
+            return await work(*args, **kwargs)
+        finally:
+            gate.leave()
+
     def facts(self) -> dict[str, Any]:
         """Run facts for ``out.attrs["llm"]`` beyond the event counts."""
         snapshot = self.budget.snapshot()
-        return {
+        facts = {
             "model": self.plan.config.model,
             "strategy": self.plan.strategy,
             "concurrency": self._gate.limit,
             "rpm": snapshot.get("rpm"),
             "tpm": snapshot.get("tpm"),
         }
+        if self._packer is not None:
+            facts.update(self._packer.facts())
+        else:
+            facts.update(rows_per_request=1, packed_requests=0, repacked_rows=0)
+        return facts
 
     # -- one job ---------------------------------------------------------------------------
 
@@ -354,15 +412,20 @@ class Scheduler:
             scope = exc.verdict.scope
             if scope == "run" or (setup and scope == "strategy"):
                 raise
-            if job.samples:
-                # Some samples arrived: keep them rather than lose paid-for answers.
-                logger.warning("row gave %d of %d samples: %s", len(job.samples), self._n, exc)
-                self._finish(job, cached=False)
-                return None
-            self._fail(job, exc)
-            return exc
+            return self._end(job, exc)
         self._finish(job, cached=False)
         return None
+
+    def _end(self, job: Job, exc: Exception) -> Exception | None:
+        """A row that cannot get all its samples: finished with the ones it has, else failed
+        with ``exc`` (returned)."""
+        if job.samples:
+            # Some samples arrived: keep them rather than lose paid-for answers.
+            logger.warning("row gave %d of %d samples: %s", len(job.samples), self._n, exc)
+            self._finish(job, cached=False)
+            return None
+        self._fail(job, exc)
+        return exc
 
     async def _attempt(self, job: Job, want: int) -> None:
         # One request: its good answers are kept (and cached) whatever else came with them.
@@ -413,24 +476,7 @@ class Scheduler:
         assert job.prompt is not None
         call = plan.call(job.prompt, want)
         cost = plan.cost(call, self._prompt_ratio)
-        await self.budget.acquire(cost)
-        usage = self.usage
-        usage.requests += 1
-        started = self._clock()
-        try:
-            completion = await self.client.send(call)
-        except RETRIED as exc:
-            self.budget.settle(cost, 0)
-            if isinstance(exc, APIError):
-                self._react_to_error(exc)
-            raise
-        latency = self._clock() - started
-        self._learn(
-            job, want, cost, completion.prompt_tokens, completion.completion_tokens, latency
-        )
-        self.budget.observe(completion.limits)
-        usage.prompt_tokens += completion.prompt_tokens
-        usage.completion_tokens += completion.completion_tokens
+        completion, latency = await self._exchange(call, cost, want * (self._max_output or 0))
         if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
             logger.debug(
                 "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",
@@ -458,6 +504,33 @@ class Scheduler:
             problem = StructuredOutputError("the server returned no answer")
         return answers, unusable, problem
 
+    async def _exchange(self, call: Call, cost: int, reserved: int) -> tuple[Completion, float]:
+        """One request within the budget: admitted, counted, sent, learnt from.
+
+        ``cost`` is what the budget takes on admission; ``reserved`` its output share (what
+        the provider counts for ``max_tokens``). Returns the completion and its latency;
+        raises the request's ``APIError`` (after telling the budget).
+        """
+        await self.budget.acquire(cost)
+        usage = self.usage
+        usage.requests += 1
+        started = self._clock()
+        try:
+            completion = await self.client.send(call)
+        except RETRIED as exc:
+            self.budget.settle(cost, 0)
+            if isinstance(exc, APIError):
+                self._react_to_error(exc)
+            raise
+        latency = self._clock() - started
+        self._learn(
+            call.n, cost, reserved, completion.prompt_tokens, completion.completion_tokens, latency
+        )
+        self.budget.observe(completion.limits)
+        usage.prompt_tokens += completion.prompt_tokens
+        usage.completion_tokens += completion.completion_tokens
+        return completion, latency
+
     def _react_to_error(self, exc: APIError) -> None:
         limits = exc.limits
         if limits is not None:
@@ -472,16 +545,15 @@ class Scheduler:
 
     def _learn(
         self,
-        job: Job,
         want: int,
         cost: int,
+        reserved: int,
         prompt_tokens: int,
         completion_tokens: int,
         latency: float,
     ) -> None:
         # Moving averages (weights 0.2 and 0.1) of what requests really cost and take.
         if prompt_tokens:
-            reserved = want * (self._max_output or 0)
             # Providers count prompt + max_tokens at admission; without max_tokens, what was
             # produced.
             actual = prompt_tokens + (reserved or completion_tokens)

@@ -373,6 +373,9 @@ class LLMAccessor:
             call), ``duplicate_rows`` (sent once, shared), ``requests``, ``prompt_tokens``,
             ``completion_tokens`` (``None`` without ``max_tokens``), ``cost`` in USD
             (``None`` when the model's price is unknown: never a guess) and ``tokenizer``.
+            With ``rows_per_request``, also ``rows_per_request`` (the rows a pack would hold),
+            ``packed_requests``, ``packed_prompt_tokens``, ``packed_completion_tokens`` and
+            ``packed_cost``: the same run with several rows per request.
 
         Raises
         ------

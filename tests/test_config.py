@@ -55,6 +55,7 @@ def test_defaults_without_environment_on_a_local_server():
     assert (config.max_concurrency, config.max_retries, config.timeout) == (64, 6, 120.0)
     assert (config.rpm, config.tpm, config.cache, config.refresh) == (None, None, True, False)
     assert (config.errors, config.progress, config.running_loop) == ("raise", None, "thread")
+    assert config.rows_per_request == 1
 
 
 def test_environment_supplies_key_url_and_model(monkeypatch):
@@ -177,6 +178,12 @@ def test_parameters_and_settings_do_not_overlap():
         ({"running_loop": "asyncio"}, "running_loop must be 'thread'"),
         ({"cache": 1}, "cache must be True, False or a file path"),
         ({"cache": None}, "cache must be True, False or a file path"),
+        ({"rows_per_request": 0}, r"rows_per_request must be an integer >= 1 .* or \"auto\""),
+        ({"rows_per_request": 2.0}, "rows_per_request must be an integer >= 1"),
+        ({"rows_per_request": True}, "rows_per_request must be an integer >= 1"),
+        ({"rows_per_request": "AUTO"}, "rows_per_request must be an integer >= 1"),
+        ({"rows_per_request": "5"}, "rows_per_request must be an integer >= 1"),
+        ({"rows_per_request": None}, "rows_per_request must be an integer >= 1"),
     ],
 )
 def test_invalid_values_are_refused(options, match):
@@ -198,6 +205,9 @@ def test_invalid_values_are_refused(options, match):
         {"cache": Path("responses.sqlite3")},
         {"temperature": 0, "top_p": 1, "seed": 7, "stop": ["\n"]},
         {"extra_body": {"top_k": 3}},
+        {"rows_per_request": 1},
+        {"rows_per_request": 20},
+        {"rows_per_request": "auto"},
     ],
 )
 def test_valid_values_are_kept(options):
@@ -216,8 +226,10 @@ def test_numpy_scalars_are_taken_as_python_values():
         seed=np.int32(7),
         temperature=np.float32(0.5),
         max_concurrency=np.int64(4),
+        rows_per_request=np.int64(8),
     )
     assert config.n == 2 and type(config.n) is int
+    assert config.rows_per_request == 8 and type(config.rows_per_request) is int
     assert config.request_params == {"max_tokens": 64, "seed": 7, "temperature": 0.5}
     assert all(type(v) in (int, float) for v in config.request_params.values())
     assert config.max_concurrency == 4 and type(config.max_concurrency) is int

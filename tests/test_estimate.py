@@ -220,3 +220,54 @@ def test_estimate_needs_no_key_and_sends_nothing(docs, monkeypatch):
     assert est["rows"] == 4 and est["requests"] == 4 and est["cost"] is not None
     with pytest.raises(Exception, match="no API key"):
         docs.llm.generate("${title}")
+
+
+# -- several rows per request ------------------------------------------------------------------
+
+PACKED = ("rows_per_request", "packed_requests", "packed_prompt_tokens", "packed_cost")
+
+
+@pytest.mark.parametrize("size", [7, "auto"])
+@pytest.mark.parametrize("fields", [None, {"name": str, "year": int}])
+def test_packed_estimate_agrees_with_the_packed_run(server, size, fields):
+    frame = pd.DataFrame(
+        {"t": [f"name=n{i}, year={1000 + i}" for i in range(95)] + ["name=n1, year=1001", None]}
+    )
+    options = dict(base_url=server.url, cache=False, rows_per_request=size, max_tokens=40, n=2)
+    est = estimate_of(frame, "Say: ${t}", fields=fields, **options)
+    if fields is None:
+        out = frame.llm.generate("Say: ${t}", progress=False, **options)
+    else:
+        out = frame.llm.extract("Say: ${t}", fields, progress=False, **options)
+    facts = out.attrs["llm"]
+    assert est["rows_per_request"] == facts["rows_per_request"] == (7 if size == 7 else 10)
+    assert est["packed_requests"] == facts["requests"] == 1 + -(-94 // est["rows_per_request"])
+    assert est["packed_prompt_tokens"] == facts["prompt_tokens"]
+    assert est["packed_completion_tokens"] >= facts["completion_tokens"]
+    # The unpacked figures stay beside them: one request per distinct row.
+    assert est["requests"] == 95 and est["prompt_tokens"] != est["packed_prompt_tokens"]
+    assert est["packed_cost"] == pytest.approx(
+        est["packed_prompt_tokens"] * 0.15 / 1e6 + est["packed_completion_tokens"] * 0.60 / 1e6
+    )
+
+
+def test_packing_pays_the_instructions_once_per_request(server):
+    frame = pd.DataFrame({"t": [f"review {i}: fine" for i in range(200)]})
+    instructions = "Classify the sentiment of the review below. " * 30  # about 300 tokens
+    fields = {"sentiment": str}
+    one = estimate_of(frame, instructions + "${t}", fields=fields, base_url=server.url)
+    packed = estimate_of(
+        frame, instructions + "${t}", fields=fields, base_url=server.url, rows_per_request=20
+    )
+    assert "packed_requests" not in one  # only asked for when packing
+    assert packed["packed_requests"] == 1 + 10
+    assert packed["packed_prompt_tokens"] * 5 < one["prompt_tokens"]
+
+
+def test_cached_rows_are_not_packed(server, tmp_path):
+    frame = pd.DataFrame({"t": [f"row {i}" for i in range(40)]})
+    cache = str(tmp_path / "c.sqlite3")
+    frame.iloc[:25].llm.generate("Say ${t}", base_url=server.url, cache=cache)
+    est = estimate_of(frame, "Say ${t}", base_url=server.url, cache=cache, rows_per_request=4)
+    assert est["cached_rows"] == 25
+    assert est["packed_requests"] == 1 + 4  # the setup row, then 14 rows in packs of 4

@@ -130,6 +130,12 @@ def test_sentiment(execute: Execute) -> None:
     unsure = re.findall(r"^(\d+)\s+\S+ \S+\s+NEUTRAL\s+0\.\d+\s*$", out["review"], re.M)
     assert unsure == ["2", "8"]
 
+    # Four reviews per request: the setup review alone, then packs of 4 and 3; same labels.
+    assert "3 requests for 8 reviews (2 packed), 0 reviews asked again" in out["packed"]
+    assert "same label as one review per request: 8 of 8" in out["packed"]
+    # The cache holds reviews, not packs: another rows_per_request sends nothing.
+    assert "requests sent: 0" in out["packed-cache"]
+
 
 @pytest.mark.slow
 def test_qa_pairs(execute: Execute) -> None:
