@@ -8,7 +8,7 @@ Importing the package registers the ``DataFrame.llm`` accessor::
 
 from __future__ import annotations
 
-from ._cache import cache_info, clear_cache
+from ._cache_admin import cache_info, clear_cache
 from ._pricing import Price, count_tokens, price_of, set_price
 from .accessor import LLMAccessor
 from .errors import (

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import pathlib
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ._cache import ResponseCache, default_cache_path
+from ._cache import ResponseCache, open_cache
 from .errors import ConfigurationError, StructuredOutputError
 
 if TYPE_CHECKING:
@@ -549,11 +547,5 @@ def _valid_samples(samples: Mapping[int, str], plan: RequestPlan) -> int:
 
 
 def _existing_cache(setting: Any) -> ResponseCache | None:
-    """The run's cache if its file exists: an estimate never creates one."""
-    if setting is True:
-        path = default_cache_path()
-    elif setting is False or setting is None:
-        return None
-    else:
-        path = pathlib.Path(os.fspath(setting)).expanduser()
-    return ResponseCache(path) if path.is_file() else None
+    """The run's cache, read-only: an estimate never creates, migrates or writes one."""
+    return open_cache(setting, readonly=True)
