@@ -196,6 +196,16 @@ def test_get_many_batches_past_the_sqlite_variable_limit(cache):
     assert cache.get_many([]) == {}
 
 
+def test_a_commit_larger_than_one_insert_statement_writes_every_row(path, monkeypatch):
+    monkeypatch.setattr(cache_module, "_ROWS_PER_INSERT", 3)  # as old SQLite's limit, smaller
+    with ResponseCache(path, flush_size=10) as cache:
+        for i in range(10):
+            cache.put(f"k{i}", i % 2, f"v{i}", model="m", usage=(i, i))
+    assert stored_rows(path) == 10
+    with ResponseCache(path) as cache:
+        assert cache.get("k7", 1) == "v7"
+
+
 def test_threads_share_one_cache(cache, path):
     def work(worker: int) -> None:
         for i in range(200):
@@ -816,7 +826,7 @@ def test_a_read_only_cache_file_is_refused_naming_the_path():
 
 
 def _inserts(cache: ResponseCache) -> list[tuple[str, int]]:
-    """Record (thread name, rows) for every commit the cache's writer connection makes."""
+    """Record (thread name, statement) for every INSERT the cache's writer connection runs."""
     seen: list[tuple[str, int]] = []
 
     def trace(statement: str) -> None:
@@ -867,7 +877,9 @@ async def test_puts_during_a_commit_go_into_the_next_commit(path):
             other.execute("ROLLBACK")
             other.close()
         await asyncio.wait_for(cache.drain(), 10)
-        assert len(inserts) == 3  # a, then b and c together (one executemany, two rows)
+        assert len(inserts) == 2  # a, then b and c together
+        assert "'a'" in inserts[0][1] and "'b'" not in inserts[0][1]
+        assert "'b'" in inserts[1][1] and "'c'" in inserts[1][1]
         assert stored_rows(path) == 3
 
 
