@@ -40,7 +40,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ._cache_paths import default_cache_path
@@ -66,6 +66,28 @@ _ROWS_PER_INSERT = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999 //
 
 _Row = tuple[str, int, str, str | None, int | None, int | None, float]
 _Rows = dict[tuple[str, int], _Row]
+
+
+def _write(conn: sqlite3.Connection, rows: Collection[_Row]) -> None:
+    """Commit ``rows`` in one transaction."""
+    try:
+        with write_transaction(conn):
+            _insert_rows(conn, rows)
+    except UnicodeEncodeError:
+        # A lone surrogate (a server's broken "\\ud83d" escape) cannot be stored as text: that
+        # answer stays out of the cache, and the others are written.
+        with write_transaction(conn):
+            _insert_rows(conn, [row for row in rows if _storable(row)])
+
+
+def _storable(row: _Row) -> bool:
+    try:
+        for field in row:
+            if isinstance(field, str):
+                field.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _insert_rows(conn: sqlite3.Connection, rows: Iterable[_Row]) -> None:
@@ -434,8 +456,7 @@ class ResponseCache:
         if rows:
             assert self._writer is not None
             try:
-                with write_transaction(self._writer) as conn:
-                    _insert_rows(conn, rows.values())
+                _write(self._writer, rows.values())
             except Exception as exc:  # a cache must never fail a run, whatever went wrong
                 error = exc
         with self._lock:
@@ -527,8 +548,7 @@ class ResponseCache:
                     broken = self._broken
                 if rows and broken is None and self._writer is not None:
                     try:
-                        with write_transaction(self._writer) as conn:
-                            _insert_rows(conn, rows.values())
+                        _write(self._writer, rows.values())
                     except Exception as exc:
                         self._warn_write_failed(exc)
                     else:

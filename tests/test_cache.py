@@ -206,6 +206,19 @@ def test_a_commit_larger_than_one_insert_statement_writes_every_row(path, monkey
         assert cache.get("k7", 1) == "v7"
 
 
+def test_an_answer_with_a_lone_surrogate_is_left_out_and_the_rest_written(cache, path):
+    # json.loads turns a server's broken "\\ud83d" escape into a lone surrogate, which SQLite
+    # text cannot hold.
+    cache.put("good", 0, "fine ☕", model="m")
+    cache.put("broken", 0, "half an emoji \ud83d", model="m")
+    cache.flush()
+    assert cache.writable
+    assert stored_rows(path) == 1
+    cache.put("later", 0, "still written", model="m")
+    cache.flush()
+    assert stored_rows(path) == 2
+
+
 def test_threads_share_one_cache(cache, path):
     def work(worker: int) -> None:
         for i in range(200):
