@@ -11,7 +11,7 @@ A call that names no ``model`` uses ``$PARROT_PANDAS_MODEL``, else :data:`DEFAUL
 
 from __future__ import annotations
 
-from ._cache import cache_info, clear_cache
+from ._cache_admin import cache_info, clear_cache
 from ._config import DEFAULT_MODEL
 from ._pricing import Price, price_of, set_price
 from ._tokens import count_tokens

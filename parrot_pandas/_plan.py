@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from ._cache import key_function
+from ._cache_key import answer_key_function
 from ._config import RunConfig
 from ._structured import Field, Fields, normalize_fields
 from ._tokens import approximate_tokens
@@ -80,16 +79,14 @@ class RequestPlan:
     @cached_property
     def _key(self) -> Callable[[Any], str]:
         # Everything but the messages is the same for every row: encoded once per run.
-        fixed = {
-            "base_url": _public_url(self.config.base_url),
-            "model": self.config.model,
-            "params": self.config.request_params,
-            "schema": self.schema,
-        }
-        if self.config.provider != "openai":
-            # Anthropic's and Azure's answers never share a key; OpenAI's keys stay as they were.
-            fixed["provider"] = self.config.provider
-        return key_function(fixed, "messages")
+        config = self.config
+        return answer_key_function(
+            base_url=config.base_url,
+            model=config.model,
+            params=config.request_params,
+            schema=self.schema,
+            provider=config.provider,
+        )
 
     def call(self, prompt: str, n: int) -> Call:
         """The request asking ``n`` samples for ``prompt``."""
@@ -147,12 +144,3 @@ def _chat(system: str | None, prompt: str) -> tuple[dict[str, str], ...]:
 
 def _text(text: str) -> str:
     return text
-
-
-def _public_url(url: str) -> str:
-    # Credentials in a URL (https://user:secret@host) must never reach the cache key's payload.
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))

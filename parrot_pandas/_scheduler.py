@@ -240,7 +240,8 @@ class Scheduler:
                     pass
         finally:
             if self.cache is not None:
-                self.cache.flush()
+                # Rows count as done only once their answers are written: wait for the last.
+                await self.cache.drain()
             self._emit(RunFinished(self.facts()))
         return outcome
 
@@ -593,8 +594,15 @@ class Scheduler:
         ordered = [samples[i] for i in sorted(samples)] if len(samples) > 1 else [*samples.values()]
         job.values = self.plan.combine(ordered)
         job.cached = cached
+        if cached or self.cache is None:
+            self._done(job)
+        else:
+            # Not done until its answers are on disk: a row counted done survives a kill -9.
+            self.cache.when_durable(functools.partial(self._done, job))
+
+    def _done(self, job: Job) -> None:
         self._close(job)
-        self._emit(RowsDone(job.rows, cached))
+        self._emit(RowsDone(job.rows, job.cached))
 
     def _fail(self, job: Job, exc: Exception) -> None:
         job.error = str(exc)

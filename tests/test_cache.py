@@ -1,9 +1,13 @@
-"""Tests for parrot_pandas._cache: keys, paths, buffering, sharing a file between processes."""
+"""Tests for the cache store, its file format, paths and admin helpers, alone and in runs."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
-import hashlib
+import json
+import logging
+import math
 import multiprocessing
 import os
 import pathlib
@@ -11,21 +15,23 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 
+import pandas as pd
 import pytest
 
 from parrot_pandas import _cache as cache_module
-from parrot_pandas._cache import (
-    ResponseCache,
-    cache_info,
-    clear_cache,
-    default_cache_path,
-    open_cache,
-    request_key,
-)
+from parrot_pandas import _cache_schema as schema_module
+from parrot_pandas import _run as run_module
+from parrot_pandas._cache import ResponseCache, open_cache
+from parrot_pandas._cache_admin import cache_info, clear_cache
+from parrot_pandas._cache_key import request_key
+from parrot_pandas._cache_paths import default_cache_path
+from parrot_pandas._events import RowsDone
 from parrot_pandas.errors import ConfigurationError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,84 +81,6 @@ def run_python(code: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, **kwargs
     )
-
-
-# --------------------------------------------------------------------------- request_key
-
-PAYLOAD = {
-    "base_url": "https://api.openai.com/v1",
-    "model": "gpt-4o-mini",
-    "messages": [{"role": "user", "content": "Summarize: naïve café ☕"}],
-    "params": {"temperature": 0.2, "seed": 7},
-    "schema": None,
-    "strategy": "text",
-}
-
-
-def test_request_key_ignores_dict_order():
-    reordered = {
-        "strategy": "text",
-        "params": {"seed": 7, "temperature": 0.2},
-        "schema": None,
-        "messages": [{"content": "Summarize: naïve café ☕", "role": "user"}],
-        "model": "gpt-4o-mini",
-        "base_url": "https://api.openai.com/v1",
-    }
-    assert request_key(PAYLOAD) == request_key(reordered)
-
-
-def test_request_key_is_sha256_of_canonical_json():
-    canonical = (
-        '{"base_url":"https://api.openai.com/v1","messages":[{"content":"Summarize: naïve café ☕",'
-        '"role":"user"}],"model":"gpt-4o-mini","params":{"seed":7,"temperature":0.2},'
-        '"schema":null,"strategy":"text"}'
-    )
-    assert request_key(PAYLOAD) == hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"params": {"temperature": 0.3, "seed": 7}},
-        {"params": {"temperature": 0.2}},
-        {"model": "gpt-4o"},
-        {"base_url": "http://localhost:8000/v1"},
-        {"messages": [{"role": "user", "content": "Summarize: naive cafe"}]},
-        {"schema": {"type": "object"}},
-        {"strategy": "json_schema"},
-    ],
-)
-def test_request_key_changes_with_anything_that_shapes_the_answer(change):
-    assert request_key({**PAYLOAD, **change}) != request_key(PAYLOAD)
-
-
-def test_request_key_hashes_lone_surrogates():
-    assert len(request_key({"messages": ["broken \ud800 text"]})) == 64
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        {"api_key": "sk-secret"},
-        {"params": {"OPENAI_API_KEY": "sk-secret"}},
-        {"params": {"headers": {"Authorization": "Bearer sk-secret"}}},
-        {"messages": [{"x-api-key": "sk-secret"}]},
-        {"params": {"Proxy-Authorization": None}},
-    ],
-)
-def test_request_key_rejects_credentials_without_echoing_them(payload):
-    with pytest.raises(ValueError, match="credential") as info:
-        request_key(payload)
-    assert "sk-secret" not in str(info.value)
-
-
-def test_request_key_allows_an_extracted_field_named_authorization():
-    schema = {
-        "type": "object",
-        "properties": {"authorization": {"type": "string"}},
-        "required": ["authorization"],
-    }
-    assert len(request_key({**PAYLOAD, "schema": schema})) == 64
 
 
 # --------------------------------------------------------------------------- default path
@@ -254,10 +182,10 @@ def test_get_many_batches_past_the_sqlite_variable_limit(cache):
     cache.put(keys[1], 1, "late", model="m")  # buffered answers count too
 
     statements: list[str] = []
-    cache._conn.set_trace_callback(statements.append)
+    cache._reader.set_trace_callback(statements.append)
     missing = [request_key({"missing": i}) for i in range(100)]
     found = cache.get_many(keys + missing + keys[:10], n=2)
-    cache._conn.set_trace_callback(None)
+    cache._reader.set_trace_callback(None)
 
     assert len([s for s in statements if s.lstrip().startswith("SELECT")]) == 4  # 1600 / 500
     assert set(found) == set(keys)
@@ -266,6 +194,29 @@ def test_get_many_batches_past_the_sqlite_variable_limit(cache):
     assert found[keys[2]] == {0: "a2"}
     assert cache.get_many(keys[:5], n=1)[keys[0]] == {0: "a0"}
     assert cache.get_many([]) == {}
+
+
+def test_a_commit_larger_than_one_insert_statement_writes_every_row(path, monkeypatch):
+    monkeypatch.setattr(cache_module, "_ROWS_PER_INSERT", 3)  # as old SQLite's limit, smaller
+    with ResponseCache(path, flush_size=10) as cache:
+        for i in range(10):
+            cache.put(f"k{i}", i % 2, f"v{i}", model="m", usage=(i, i))
+    assert stored_rows(path) == 10
+    with ResponseCache(path) as cache:
+        assert cache.get("k7", 1) == "v7"
+
+
+def test_an_answer_with_a_lone_surrogate_is_left_out_and_the_rest_written(cache, path):
+    # json.loads turns a server's broken "\\ud83d" escape into a lone surrogate, which SQLite
+    # text cannot hold.
+    cache.put("good", 0, "fine ☕", model="m")
+    cache.put("broken", 0, "half an emoji \ud83d", model="m")
+    cache.flush()
+    assert cache.writable
+    assert stored_rows(path) == 1
+    cache.put("later", 0, "still written", model="m")
+    cache.flush()
+    assert stored_rows(path) == 2
 
 
 def test_threads_share_one_cache(cache, path):
@@ -308,16 +259,6 @@ def test_flush_when_the_interval_has_passed(path, clock):
         assert stored_rows(path) == 3
 
 
-def test_a_quiet_buffer_is_written_by_the_timer(path):
-    with ResponseCache(path, flush_interval=0.05, flush_size=1000) as cache:
-        cache.put("a", 0, "v", model="m")
-        deadline = time.monotonic() + 5
-        while stored_rows(path) == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert stored_rows(path) == 1
-        assert cache._timer is None
-
-
 def test_close_flushes_is_idempotent_and_final(path, clock):
     cache = ResponseCache(path, flush_interval=3600, clock=clock)
     cache.put("a", 0, "v", model="m")
@@ -353,7 +294,9 @@ def test_repr_shows_path_and_count_only(cache, path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"flush_interval": -1}, {"flush_size": 0}], ids=["interval", "size"]
+    "kwargs",
+    [{"flush_interval": -1}, {"flush_size": 0}, {"lock_timeout": -1}, {"lock_timeout": math.inf}],
+    ids=["interval", "size", "lock", "lock-inf"],
 )
 def test_bad_buffer_settings(path, kwargs):
     with pytest.raises(ConfigurationError):
@@ -366,7 +309,7 @@ def test_bad_buffer_settings(path, kwargs):
 def test_migrations_set_user_version_and_schema(path):
     ResponseCache(path).close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(cache_module._MIGRATIONS)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(schema_module._MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'responses'").fetchone()[0]
         indexes = {
@@ -389,8 +332,8 @@ def test_a_new_migration_runs_once_on_an_old_file(path, monkeypatch):
         calls.append(1)
         conn.execute("ALTER TABLE responses ADD COLUMN extra TEXT")
 
-    latest = len(cache_module._MIGRATIONS)
-    monkeypatch.setattr(cache_module, "_MIGRATIONS", [*cache_module._MIGRATIONS, m002_example])
+    latest = len(schema_module._MIGRATIONS)
+    monkeypatch.setattr(schema_module, "_MIGRATIONS", [*schema_module._MIGRATIONS, m002_example])
     ResponseCache(path).close()
     ResponseCache(path).close()
     assert calls == [1]
@@ -405,8 +348,8 @@ def test_a_failing_migration_leaves_the_file_as_it_was(path, monkeypatch):
         conn.execute("ALTER TABLE responses ADD COLUMN extra TEXT")
         raise RuntimeError("boom")
 
-    latest = len(cache_module._MIGRATIONS)
-    monkeypatch.setattr(cache_module, "_MIGRATIONS", [*cache_module._MIGRATIONS, m002_broken])
+    latest = len(schema_module._MIGRATIONS)
+    monkeypatch.setattr(schema_module, "_MIGRATIONS", [*schema_module._MIGRATIONS, m002_broken])
     with pytest.raises(RuntimeError, match="boom"):
         ResponseCache(path)
     with sqlite3.connect(path) as conn:
@@ -418,7 +361,7 @@ def test_a_failing_migration_leaves_the_file_as_it_was(path, monkeypatch):
 def test_a_version_1_file_moves_to_a_rowid_table_with_every_row(path, monkeypatch):
     # A file as version 1 left it: responses WITHOUT ROWID, keyed by (key, sample).
     with monkeypatch.context() as patched:
-        patched.setattr(cache_module, "_MIGRATIONS", cache_module._MIGRATIONS[:1])
+        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:1])
         with ResponseCache(path) as old:
             old.put("k1", 0, "first", model="gpt-4o-mini", usage=(10, 2))
             old.put("k1", 1, "second ☕", model="gpt-4o-mini", usage=(10, 3))
@@ -436,7 +379,7 @@ def test_a_version_1_file_moves_to_a_rowid_table_with_every_row(path, monkeypatc
         }
         cache.put("k1", 0, "replaced", model="gpt-4o-mini")  # the unique pair still replaces
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(cache_module._MIGRATIONS)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(schema_module._MIGRATIONS)
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'responses'").fetchone()[0]
         after = sorted(conn.execute(f"SELECT {columns} FROM responses").fetchall())
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -457,11 +400,14 @@ def test_a_file_from_a_newer_version_is_refused(path):
         ResponseCache(path)
 
 
-def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("these are my notes, not a database " * 20)
-    with pytest.raises(ConfigurationError, match="not a database"):
+    before = bogus.read_bytes()
+    with pytest.raises(ConfigurationError, match="not an SQLite database") as info:
         ResponseCache(bogus)
+    assert str(bogus) in str(info.value)
+    assert bogus.read_bytes() == before
 
 
 # --------------------------------------------------------------------------- processes
@@ -520,21 +466,33 @@ def test_sigkill_keeps_everything_flushed_before(tmp_path):
 
 
 @POSIX_ONLY
-def test_sigkill_after_a_quiet_second_loses_nothing(tmp_path):
+def test_sigkill_after_the_durable_callback_loses_nothing(tmp_path):
+    # In an event loop nobody calls flush: the loop's own timer commits, and when_durable
+    # says when. What it has reported survives a kill -9.
     path = tmp_path / "quiet.sqlite3"
     child = run_python(
         f"""
-        import os, signal, time
+        import asyncio, os, signal
         from parrot_pandas._cache import ResponseCache
 
-        cache = ResponseCache({str(path)!r}, flush_interval=0.1)
-        for i in range(10):
-            cache.put(f"k{{i}}", 0, "v", model="m")
-        time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGKILL)
-        """
+        async def main():
+            cache = ResponseCache({str(path)!r})
+            for i in range(10):
+                cache.put(f"k{{i}}", 0, "v", model="m")
+            cache.when_durable(lambda: print("durable", flush=True))
+            await asyncio.Event().wait()
+
+        asyncio.run(main())
+        """,
+        stdout=subprocess.PIPE,
     )
-    assert child.wait(timeout=30) == -signal.SIGKILL
+    try:
+        assert child.stdout.readline().strip() == "durable"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.stdout.close()
     assert stored_rows(path) == 10
 
 
@@ -696,23 +654,571 @@ def test_open_cache_rejects_anything_else(setting):
         open_cache(setting)
 
 
-def test_key_function_matches_request_key_for_every_field_position():
-    from parrot_pandas._cache import key_function
-
-    fixed = {
-        "base_url": "http://h/v1",
-        "model": "m",
-        "params": {"b": 1, "a": [1, 2]},
-        "schema": None,
-    }
-    for varying in ("aaa", "messages", "zzz", "params2"):
-        key = key_function(fixed, varying)
-        for value in (["x"], [{"role": "user", "content": "é \ud800"}], None, {"k": 1}):
-            assert key(value) == request_key({**fixed, varying: value})
+def test_open_cache_readonly_never_creates_a_file(tmp_path):
+    missing = tmp_path / "nowhere" / "responses.sqlite3"
+    assert open_cache(missing, readonly=True) is None
+    assert not missing.parent.exists()
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    assert open_cache(empty, readonly=True) is None
+    assert empty.read_bytes() == b""
 
 
-def test_key_function_rejects_credentials_in_the_fixed_part():
-    from parrot_pandas._cache import key_function
+def test_open_cache_readonly_reads_and_refuses_to_write(path):
+    with ResponseCache(path) as cache:
+        cache.put("k", 0, "kept", model="m")
+    before = path.read_bytes()
+    cache = open_cache(path, readonly=True)
+    try:
+        assert cache.get_many(["k", "other"]) == {"k": {0: "kept"}}
+        with pytest.raises(ValueError, match="read-only"):
+            cache.put("k2", 0, "v", model="m")
+        cache.flush()  # nothing to do
+    finally:
+        cache.close()
+    assert path.read_bytes() == before
 
-    with pytest.raises(ValueError, match="credential"):
-        key_function({"params": {"api_key": "sk-x"}}, "messages")
+
+def test_open_cache_readonly_leaves_an_old_file_unmigrated(path, monkeypatch):
+    # An estimate reads a cache written by an older version as it is: no migration, no
+    # VACUUM, no WAL switch (the bug: estimate ran migrations and compacted the file).
+    with monkeypatch.context() as patched:
+        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:1])
+        with ResponseCache(path) as old:
+            old.put("k", 0, "v1 answer", model="m")
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode = DELETE")  # as a copied file may come
+    before = path.read_bytes()
+    cache = open_cache(path, readonly=True)
+    try:
+        assert cache.get("k") == "v1 answer"
+    finally:
+        cache.close()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# --------------------------------------------------------------------------- whose file
+
+
+def _foreign_database(path: pathlib.Path, *, wal: bool = False) -> bytes:
+    """Someone's own app.db: an SQLite database with their tables, not ours."""
+    conn = sqlite3.connect(path)
+    if wal:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.executemany("INSERT INTO users (name) VALUES (?)", [("ada",), ("alan",)])
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("wal", [False, True], ids=["rollback-journal", "wal"])
+def test_a_foreign_database_is_refused_and_left_byte_for_byte(tmp_path, wal):
+    foreign = tmp_path / "app.db"
+    before = _foreign_database(foreign, wal=wal)
+    for attempt in (
+        lambda: ResponseCache(foreign),
+        lambda: open_cache(foreign),
+        lambda: open_cache(foreign, readonly=True),
+        lambda: cache_info(foreign),
+        lambda: clear_cache(foreign),
+    ):
+        with pytest.raises(ConfigurationError, match="not a parrot_pandas cache") as info:
+            attempt()
+        assert str(foreign) in str(info.value)
+        assert "cache=False" in str(info.value)
+    assert foreign.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, no -shm
+
+
+def test_a_foreign_database_with_a_table_named_responses_is_refused(tmp_path):
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE responses (id INTEGER, body TEXT)")
+        conn.execute("PRAGMA user_version = 2")
+    before = foreign.read_bytes()
+    with pytest.raises(ConfigurationError, match="not a parrot_pandas cache"):
+        ResponseCache(foreign)
+    assert foreign.read_bytes() == before
+
+
+def test_a_new_file_is_marked_as_ours(path):
+    ResponseCache(path).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == schema_module.APPLICATION_ID
+
+
+def test_an_empty_file_is_ours_to_initialise(tmp_path):
+    empty = tmp_path / "made-by-touch.sqlite3"
+    empty.touch()
+    with ResponseCache(empty) as cache:
+        cache.put("k", 0, "v", model="m")
+    assert cache_info(empty)["entries"] == 1
+
+
+def test_a_cache_from_before_the_mark_is_still_ours_and_gets_marked(path, monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:2])
+        with ResponseCache(path) as old:
+            old.put("k", 0, "kept", model="m")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == 0
+    assert cache_info(path)["entries"] == 1  # recognised read-only, without the mark
+    with ResponseCache(path) as cache:
+        assert cache.get("k") == "kept"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == schema_module.APPLICATION_ID
+
+
+def test_a_truncated_cache_is_refused_naming_the_path(path):
+    with ResponseCache(path) as cache:
+        for i in range(2000):
+            cache.put(f"k{i}", 0, "x" * 500, model="m")
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+    for attempt in (lambda: ResponseCache(path), lambda: open_cache(path, readonly=True)):
+        with pytest.raises(ConfigurationError) as info:
+            attempt()
+        assert str(path) in str(info.value)
+        assert "delete it" in str(info.value)
+
+
+def _readonly_attempt(path: pathlib.Path) -> str:
+    """Open ``path`` for writing as a user who may only read it; return the error message.
+
+    As root every file is writable, so a child process drops to the ``nobody`` user once
+    everything it needs is imported.
+    """
+    code = f"""
+        import os, sys
+        from parrot_pandas._cache import open_cache
+        from parrot_pandas.errors import ConfigurationError
+
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+        try:
+            open_cache({str(path)!r}).close()
+        except ConfigurationError as exc:
+            print(exc)
+        else:
+            print("opened")
+        """
+    child = run_python(code, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    return out.strip()
+
+
+@POSIX_ONLY
+def test_a_read_only_cache_file_is_refused_naming_the_path():
+    # Not under tmp_path: pytest keeps its folders private to root, and the child that tries
+    # the file as a plain user must reach it.
+    with tempfile.TemporaryDirectory() as top:
+        folder = pathlib.Path(top) / "shared"
+        folder.mkdir()
+        path = folder / "responses.sqlite3"
+        with ResponseCache(path) as cache:
+            cache.put("k", 0, "v", model="m")
+        if os.geteuid() == 0:
+            # The folder and file belong to the user the child runs as, like a user's own.
+            os.chmod(top, 0o755)
+            for item in (folder, *folder.iterdir()):
+                os.chown(item, 65534, 65534)
+        before = path.read_bytes()
+        path.chmod(0o444)
+        message = _readonly_attempt(path)
+        assert "read-only" in message and str(path) in message and "cache=False" in message
+        assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- in an event loop
+
+
+def _inserts(cache: ResponseCache) -> list[tuple[str, int]]:
+    """Record (thread name, statement) for every INSERT the cache's writer connection runs."""
+    seen: list[tuple[str, int]] = []
+
+    def trace(statement: str) -> None:
+        if statement.startswith("INSERT"):
+            seen.append((threading.current_thread().name, statement))
+
+    cache._writer.set_trace_callback(trace)
+    return seen
+
+
+async def test_a_put_in_a_loop_is_committed_by_the_loop_timer_in_the_writer_thread(path):
+    with ResponseCache(path, flush_interval=0.05) as cache:
+        inserts = _inserts(cache)
+        loop = asyncio.get_running_loop()
+        durable = asyncio.Event()
+        cache.put("a", 0, "v", model="m")
+        # No thread of its own: the commit is a call_later on this loop, flush_interval away.
+        assert cache._timer is not None
+        assert cache._timer.when() - loop.time() == pytest.approx(0.05, abs=0.02)
+        assert stored_rows(path) == 0
+
+        def check() -> None:
+            # Called only once the answer is committed: another connection sees it.
+            assert stored_rows(path) == 1
+            durable.set()
+
+        cache.when_durable(check)
+        await asyncio.wait_for(durable.wait(), 10)
+        assert cache._timer is None
+        assert inserts and all(name.startswith("parrot_pandas-cache") for name, _ in inserts)
+        assert threading.current_thread().name not in {name for name, _ in inserts}
+
+
+async def test_puts_during_a_commit_go_into_the_next_commit(path):
+    ResponseCache(path).close()
+    with ResponseCache(path, flush_interval=0) as cache:
+        inserts = _inserts(cache)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the first commit waits for this lock
+        try:
+            cache.put("a", 0, "v", model="m")
+            while not cache._writing:  # the writer thread took "a" and waits for the lock
+                await asyncio.sleep(0.005)
+            cache.put("b", 0, "v", model="m")
+            cache.put("c", 0, "v", model="m")
+            assert cache.get_many(["a", "b", "c"]) == {k: {0: "v"} for k in "abc"}
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await asyncio.wait_for(cache.drain(), 10)
+        assert len(inserts) == 2  # a, then b and c together
+        assert "'a'" in inserts[0][1] and "'b'" not in inserts[0][1]
+        assert "'b'" in inserts[1][1] and "'c'" in inserts[1][1]
+        assert stored_rows(path) == 3
+
+
+async def test_when_durable_fires_in_order_and_drain_waits_for_all(path):
+    with ResponseCache(path, flush_interval=3600) as cache:
+        order: list[str] = []
+        cache.when_durable(lambda: order.append("nothing waiting"))
+        assert order == ["nothing waiting"]
+        cache.put("a", 0, "v", model="m")
+        cache.when_durable(lambda: order.append(f"a: {stored_rows(path)} stored"))
+        cache.put("b", 0, "v", model="m")
+        cache.when_durable(lambda: order.append(f"b: {stored_rows(path)} stored"))
+        assert order == ["nothing waiting"]
+        await asyncio.wait_for(cache.drain(), 10)  # commits now, not an hour from now
+        assert order == ["nothing waiting", "a: 2 stored", "b: 2 stored"]
+
+
+async def test_close_writes_what_the_loop_had_not_committed_yet(path):
+    cache = ResponseCache(path, flush_interval=3600)
+    cache.put("a", 0, "v", model="m")
+    dropped: list[int] = []
+    cache.when_durable(lambda: dropped.append(1))
+    cache.close()
+    assert stored_rows(path) == 1
+    assert dropped == []  # the run is over: nobody is counting rows any more
+
+
+# --------------------------------------------------------------------------- failed writes
+
+
+@contextlib.contextmanager
+def write_lock_held(path: pathlib.Path) -> Iterator[Callable[[], None]]:
+    """Another process holds the file's write lock (an open BEGIN IMMEDIATE) until released."""
+    holder = run_python(
+        f"""
+        import sqlite3, sys
+        conn = sqlite3.connect({str(path)!r}, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        print("locked", flush=True)
+        sys.stdin.readline()
+        conn.execute("ROLLBACK")
+        """,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield release
+    finally:
+        try:
+            release()
+            holder.wait(timeout=30)
+        finally:
+            holder.kill()
+            holder.stdin.close()
+            holder.stdout.close()
+
+
+def _cache_warnings(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "parrot_pandas" and r.levelno == logging.WARNING and "cache" in r.getMessage()
+    ]
+
+
+async def test_a_failed_commit_keeps_answers_in_memory_warns_once_and_never_blocks(path, caplog):
+    ResponseCache(path).close()
+    with write_lock_held(path):
+        cache = ResponseCache(path, flush_interval=0, lock_timeout=0.5)
+        ticks = 0
+        durable = asyncio.Event()
+
+        async def tick() -> None:
+            nonlocal ticks
+            while not durable.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        with pytest.warns(RuntimeWarning, match="could not write") as warned:
+            cache.put("a", 0, "first", model="m")
+            cache.when_durable(durable.set)  # still called: the answer is held in memory
+            await asyncio.wait_for(durable.wait(), 10)
+            await ticker
+            cache.put("b", 0, "second", model="m")
+            fired: list[int] = []
+            cache.when_durable(lambda: fired.append(1))
+            assert fired == [1]
+            await asyncio.wait_for(cache.drain(), 10)
+            cache.flush()
+            cache.close()
+        assert ticks >= 10  # the loop kept running through the 0.5 s wait for the lock
+    assert len([w for w in warned if "could not write" in str(w.message)]) == 1
+    assert len(_cache_warnings(caplog)) == 1
+    assert str(path) in _cache_warnings(caplog)[0]
+    assert stored_rows(path) == 0
+
+
+async def test_after_a_failed_commit_reads_still_find_every_answer(path):
+    ResponseCache(path).close()
+    with write_lock_held(path):
+        with pytest.warns(RuntimeWarning):
+            with ResponseCache(path, flush_interval=0, lock_timeout=0.1) as cache:
+                cache.put("a", 0, "first", model="m")
+                await asyncio.wait_for(cache.drain(), 10)
+                assert not cache.writable
+                keys = [f"k{i}" for i in range(3000)]
+                for key in keys:
+                    cache.put(key, 0, key.upper(), model="m")
+                found = cache.get_many(["a", *keys], 1)
+                assert found["a"] == {0: "first"}
+                assert all(found[key] == {0: key.upper()} for key in keys)
+
+
+def test_a_failed_sync_flush_warns_and_does_not_raise(path):
+    ResponseCache(path).close()
+    with write_lock_held(path):
+        with pytest.warns(RuntimeWarning, match="could not write"):
+            cache = ResponseCache(path, flush_size=1, lock_timeout=0.1)
+            cache.put("a", 0, "v", model="m")  # flush_size=1: commits in place, and fails
+        assert cache.get("a") == "v"
+        cache.close()
+
+
+# --------------------------------------------------------------------------- in a run
+
+
+class RowsCounted:
+    """Stands in for the progress bar: what it would count as done, as it happens."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, RowsDone):
+            self.done += event.rows
+
+    def close(self, facts: object = None) -> None:
+        pass
+
+
+@pytest.fixture
+def bar(monkeypatch) -> RowsCounted:
+    counted = RowsCounted()
+    monkeypatch.setattr(run_module, "progress_listener", lambda setting, total: counted)
+    return counted
+
+
+def _frame(rows: int, width: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({"t": [f"row {i} " + "x" * width for i in range(rows)]})
+
+
+def test_a_run_whose_cache_stays_locked_returns_every_answer_and_warns_once(
+    server_factory, path, monkeypatch, caplog
+):
+    # Another process holds the write lock for the whole run, past the bound: every commit
+    # would fail. The run must neither raise a raw sqlite3 error nor ignore errors="coerce".
+    monkeypatch.setattr(cache_module, "LOCK_TIMEOUT_S", 0.3)
+    server = server_factory()
+    ResponseCache(path).close()
+    df = _frame(40)
+    with write_lock_held(path), pytest.warns(RuntimeWarning, match="could not write") as warned:
+        out = df.llm.generate(
+            "${t}", base_url=server.url, cache=str(path), errors="coerce", max_concurrency=4
+        )
+    assert out["output"].tolist() == [f"echo: {t}" for t in df["t"]]
+    assert out["llm_error"].isna().all()
+    assert out.attrs["llm"]["done_rows"] == 40
+    assert len([w for w in warned if "could not write" in str(w.message)]) == 1
+    assert len(_cache_warnings(caplog)) == 1
+    assert stored_rows(path) == 0
+
+
+@POSIX_ONLY
+def test_a_run_on_a_full_disk_returns_every_answer_and_warns_once(server_factory, tmp_path):
+    # A real failing write: the child may not grow files past 192 KiB (RLIMIT_FSIZE), so the
+    # cache's WAL hits the wall part-way through a run of 300 answers of ~2 KB.
+    server = server_factory(latency=0.01)
+    path = tmp_path / "full.sqlite3"
+    child = run_python(
+        f"""
+        import json, logging, resource, signal, warnings
+        import pandas as pd
+        import parrot_pandas
+
+        warnings.simplefilter("always")
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(record.getMessage())
+        logging.getLogger("parrot_pandas").addHandler(handler)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (192 * 1024, 192 * 1024))
+
+        df = pd.DataFrame({{"t": [f"row {{i}} " + "x" * 2000 for i in range(300)]}})
+        with warnings.catch_warnings(record=True) as caught:
+            out = df.llm.generate("${{t}}", base_url={server.url!r}, cache={str(path)!r},
+                                  errors="coerce", progress=False, max_concurrency=4)
+        print(json.dumps({{
+            "answers": int((out["output"] == "echo: " + df["t"]).sum()),
+            "errors": int(out["llm_error"].notna().sum()),
+            "done": out.attrs["llm"]["done_rows"],
+            "warned": [str(w.message) for w in caught if "cache" in str(w.message)],
+            "logged": [m for m in logged if "cache" in m],
+        }}))
+        """,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    result = json.loads(out)
+    assert (result["answers"], result["errors"], result["done"]) == (300, 0, 300)
+    assert len(result["warned"]) == 1 and len(result["logged"]) == 1, result
+    assert "could not write" in result["warned"][0] and str(path) in result["warned"][0]
+    assert 0 < stored_rows(path) < 300  # what fitted was kept; the rest was held in memory
+    assert integrity(path) == "ok"
+
+
+def test_requests_keep_going_out_while_another_process_holds_the_lock(server_factory, path, bar):
+    # While the lock is held, the run keeps sending (cache I/O is off the event loop) and
+    # counts no row as done (none is on disk). Released, every row is written, then done.
+    server = server_factory(latency=0.05)
+    ResponseCache(path).close()
+    rows = 60
+    seen: dict[str, object] = {}
+
+    def watch(release: Callable[[], None]) -> None:
+        deadline = time.monotonic() + 15
+        while server.stats()["ok"] < rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["served"] = server.stats()["ok"]
+        seen["done"] = bar.done
+        seen["stored"] = stored_rows(path)
+        release()
+
+    df = _frame(rows)
+    with write_lock_held(path) as release:
+        watcher = threading.Thread(target=watch, args=(release,))
+        watcher.start()
+        try:
+            out = df.llm.generate("${t}", base_url=server.url, cache=str(path), max_concurrency=4)
+        finally:
+            watcher.join()
+    assert seen == {"served": rows, "done": 0, "stored": 0}
+    assert out["output"].tolist() == [f"echo: {t}" for t in df["t"]]
+    assert bar.done == out.attrs["llm"]["done_rows"] == rows
+    assert stored_rows(path) == rows
+
+
+def test_no_row_is_done_before_its_answer_is_on_disk(server_factory, path, bar, monkeypatch):
+    server = server_factory(latency=0.01)
+    checked: list[tuple[int, int]] = []
+
+    def counted(event: object) -> None:
+        if isinstance(event, RowsDone) and not event.cached:
+            checked.append((bar.done + event.rows, stored_rows(path)))
+        RowsCounted.__call__(bar, event)
+
+    monkeypatch.setattr(run_module, "progress_listener", lambda setting, total: counted)
+    counted.close = bar.close  # type: ignore[attr-defined]
+    _frame(30).llm.generate("${t}", base_url=server.url, cache=str(path), max_concurrency=4)
+    assert checked and all(done <= stored for done, stored in checked)
+
+
+def test_a_run_with_a_foreign_cache_file_sends_nothing_and_leaves_it_alone(server, tmp_path):
+    foreign = tmp_path / "app.db"
+    before = _foreign_database(foreign)
+    df = _frame(3)
+    for call in (
+        lambda: df.llm.generate("${t}", base_url=server.url, cache=str(foreign)),
+        lambda: df.llm.estimate("${t}", base_url=server.url, cache=str(foreign)),
+    ):
+        with pytest.raises(ConfigurationError, match="not a parrot_pandas cache") as info:
+            call()
+        assert str(foreign) in str(info.value)
+    assert server.stats()["requests"] == 0
+    assert foreign.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_a_run_over_a_damaged_page_finishes_and_warns_once(server, path):
+    # Damage deep in the file passes every check at open and shows only when a lookup reaches
+    # it: the run asks those rows again instead of dying on a raw sqlite3 error.
+    df = _frame(600, width=400)
+    df.llm.generate("${t}", base_url=server.url, cache=str(path), max_concurrency=8)
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    with open(path, "r+b") as file:
+        file.seek(4096 * (pages // 2))
+        file.write(b"\xa5" * 4096 * 4)
+    server.reset_stats()
+    with pytest.warns(RuntimeWarning) as warned:
+        out = df.llm.generate("${t}", base_url=server.url, cache=str(path), max_concurrency=8)
+    assert out["output"].tolist() == [f"echo: {t}" for t in df["t"]]
+    assert 0 < server.stats()["requests"]
+    messages = [str(w.message) for w in warned]
+    reads = [m for m in messages if "could not read" in m]
+    assert len(reads) == 1 and str(path) in reads[0] and "delete the file" in reads[0]
+    # Writing into the damaged file may fail too: that is said once more, and no more.
+    assert len(messages) - len(reads) <= 1
+
+
+def test_estimate_never_writes_the_cache(server, path, monkeypatch):
+    df = _frame(5)
+    with monkeypatch.context() as patched:
+        # A cache written by version 1: opening it for writing would migrate and compact it.
+        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:1])
+        df.iloc[:3].llm.generate("${t}", base_url=server.url, cache=str(path))
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = path.read_bytes()
+    facts = df.llm.estimate("${t}", base_url=server.url, cache=str(path))
+    assert (facts["cached_rows"], facts["requests"]) == (3, 2)
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    missing = path.with_name("never.sqlite3")
+    assert df.llm.estimate("${t}", base_url=server.url, cache=str(missing))["requests"] == 5
+    assert not missing.exists()
