@@ -12,7 +12,9 @@ import pytest
 
 from parrot_pandas import _feed as feed
 from parrot_pandas import _tokens as tokens
-from parrot_pandas._cache import _MIGRATIONS, ResponseCache, default_cache_path
+from parrot_pandas._cache import ResponseCache
+from parrot_pandas._cache_paths import default_cache_path
+from parrot_pandas._cache_schema import _MIGRATIONS
 from parrot_pandas._run import RunSpec, prepare
 from parrot_pandas._tokens import approximate_tokens
 

@@ -13,7 +13,8 @@ from parrot_pandas import _feed as feed_module
 from parrot_pandas import _plan as plan_module
 from parrot_pandas import _run as run_module
 from parrot_pandas import _tokens as tokens
-from parrot_pandas._cache import ResponseCache, request_key
+from parrot_pandas._cache import ResponseCache
+from parrot_pandas._cache_key import request_key
 from parrot_pandas._config import STRUCTURED_STRATEGIES, RunConfig
 from parrot_pandas._events import RowsDone, RowsFailed, RowsSkipped
 from parrot_pandas._feed import Feed, Job

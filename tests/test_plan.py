@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from parrot_pandas._cache import request_key
+from parrot_pandas._cache_key import request_key
 from parrot_pandas._config import STRUCTURED_STRATEGIES, RunConfig
 from parrot_pandas._plan import RequestPlan
 from parrot_pandas._structured import Fields, items_schema, normalize_fields
