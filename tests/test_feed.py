@@ -9,8 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
+from parrot_pandas import _cache_key as cache_key_module
 from parrot_pandas import _feed as feed_module
-from parrot_pandas import _plan as plan_module
 from parrot_pandas import _run as run_module
 from parrot_pandas import _tokens as tokens
 from parrot_pandas._cache import ResponseCache
@@ -235,13 +235,14 @@ def test_answers_survive_a_strategy_fallback(docs, server):
 
 def _fixed_payloads(monkeypatch) -> list[dict]:
     captured: list[dict] = []
-    original = plan_module.key_function
+    original = cache_key_module.key_function
 
     def spy(fixed, varying):
         captured.append(dict(fixed))
         return original(fixed, varying)
 
-    monkeypatch.setattr(plan_module, "key_function", spy)
+    # The plan's key function is built by _cache_key.answer_key_function, which calls this.
+    monkeypatch.setattr(cache_key_module, "key_function", spy)
     return captured
 
 
