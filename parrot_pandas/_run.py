@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from ._batch import BatchClient
+from ._batch_run import BatchBar, BatchScheduler, run_cost
 from ._cache import open_cache
 from ._client import Client
 from ._config import STRUCTURED_STRATEGIES, RunConfig
@@ -24,7 +27,6 @@ from ._feed import LOOKUP_BATCH, Job
 from ._frame import ERROR_COLUMN, explode
 from ._limits import Budget, RateBudget
 from ._plan import RequestPlan
-from ._pricing import cost
 from ._progress import progress_listener
 from ._scheduler import Scheduler
 from ._structured import Field, normalize_fields
@@ -193,15 +195,21 @@ class Run:
         if bar is not None:
             every.append(bar)
         cache = open_cache(config.cache)
+        batch_bar = BatchBar(config.progress) if config.batch else None
         try:
-            client = Client(
+            kind = Client if batch_bar is None else BatchClient
+            client = kind(
                 provider_for(config),
                 timeout=config.timeout,
                 max_connections=config.max_concurrency,
                 secret=config.api_key,
             )
             async with client:
-                scheduler = Scheduler(
+                scheduling: Any = Scheduler
+                if batch_bar is not None:
+                    # batch=True: the same scheduler, its rows sent through batches.
+                    scheduling = functools.partial(BatchScheduler, on_counts=batch_bar)
+                scheduler = scheduling(
                     self.plan,
                     client,
                     budget if budget is not None else RateBudget(rpm=config.rpm, tpm=config.tpm),
@@ -213,6 +221,8 @@ class Run:
                 finally:
                     logger.info("%s", _summary(stats.facts))
         finally:
+            if batch_bar is not None:
+                batch_bar.close()
             if bar is not None:
                 bar.close(self._facts(stats))
             if cache is not None:
@@ -238,7 +248,7 @@ class Run:
 
     def _facts(self, stats: RunStats) -> dict[str, Any]:
         facts = dict(stats.facts)
-        facts["cost"] = cost(self.config.model, facts["prompt_tokens"], facts["completion_tokens"])
+        facts["cost"] = run_cost(self.config.model, facts)
         return facts
 
 

@@ -49,6 +49,7 @@ from ._limits import MAX_PAUSE, Budget, LimitInfo
 from ._plan import RequestPlan
 from ._retry import RETRIED, RetryPolicy
 from .errors import RATE_LIMITED, APIConnectionError, APIError, StructuredOutputError, Verdict
+from .providers import Completion
 
 __all__ = ["Scheduler"]
 
@@ -354,15 +355,20 @@ class Scheduler:
             scope = exc.verdict.scope
             if scope == "run" or (setup and scope == "strategy"):
                 raise
-            if job.samples:
-                # Some samples arrived: keep them rather than lose paid-for answers.
-                logger.warning("row gave %d of %d samples: %s", len(job.samples), self._n, exc)
-                self._finish(job, cached=False)
-                return None
-            self._fail(job, exc)
-            return exc
+            return self._end(job, exc)
         self._finish(job, cached=False)
         return None
+
+    def _end(self, job: Job, exc: Exception) -> Exception | None:
+        """A row that cannot get all its samples: finished with the ones it has, else failed
+        with ``exc`` (returned)."""
+        if job.samples:
+            # Some samples arrived: keep them rather than lose paid-for answers.
+            logger.warning("row gave %d of %d samples: %s", len(job.samples), self._n, exc)
+            self._finish(job, cached=False)
+            return None
+        self._fail(job, exc)
+        return exc
 
     async def _attempt(self, job: Job, want: int) -> None:
         # One request: its good answers are kept (and cached) whatever else came with them.
@@ -441,6 +447,15 @@ class Scheduler:
                 completion.completion_tokens,
                 latency,
             )
+        return self._judge(completion, want)
+
+    def _judge(
+        self, completion: Completion, want: int
+    ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
+        """An answer's usable samples as (text, value), the texts whose values can never
+        parse, and the worst problem among the rest: the same for a live answer and a
+        batch line's."""
+        plan = self.plan
         answers: list[tuple[str, Any]] = []
         unusable: list[str] = []
         problem: StructuredOutputError | None = None
