@@ -359,7 +359,7 @@ class BatchScheduler(Scheduler):
         record = self._found(records, part)
         if record is not None and record.batch_id and record.state != "ended:failed":
             logger.info("re-attaching to batch %s (%d requests)", record.batch_id, len(part))
-            status = await self.client.retrieve(record.batch_id)
+            status = await self._look(records, part, record.batch_id)
         else:
             records.begin(self._provider_name, self._base_url, part, self._wall())
             try:
@@ -396,17 +396,26 @@ class BatchScheduler(Scheduler):
                 delay = min(delay * 2, POLL_MAX)
                 for i, status in enumerate(statuses):
                     if not status.ended:
-                        statuses[i] = status = await self.client.retrieve(status.id)
-                        records.update(
-                            self._provider_name,
-                            self._base_url,
-                            parts[i].digest,
-                            record_state(status),
-                            self._wall(),
-                        )
+                        statuses[i] = await self._look(records, parts[i], status.id)
         except asyncio.CancelledError:
             logger.warning("%s", resume_hint(self._waiting))
             raise
+
+    async def _look(self, records: Records, part: BatchPart, batch_id: str) -> BatchStatus:
+        """The batch now, its record updated; a batch the provider rejected fails the call
+        (its record says so, and a re-run submits the part again)."""
+        try:
+            status = await self.client.retrieve(batch_id)
+        except APIError as exc:
+            if exc.verdict.reason == "batch_rejected":
+                records.update(
+                    self._provider_name, self._base_url, part.digest, "ended:failed", self._wall()
+                )
+            raise
+        records.update(
+            self._provider_name, self._base_url, part.digest, record_state(status), self._wall()
+        )
+        return status
 
     def _report(self, statuses: list[BatchStatus]) -> None:
         if self._on_counts is not None:

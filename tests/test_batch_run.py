@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 
 import pandas as pd
 import pytest
 
 import parrot_pandas  # noqa: F401  (registers df.llm)
-from parrot_pandas import _batch_run
+from parrot_pandas import APIError, ConfigurationError, _batch_run
+from parrot_pandas.providers._batch import BatchLimits
+from parrot_pandas.providers._openai_batch import OpenAIBatch
 from parrot_pandas.testing import FakeServer
 from parrot_pandas.testing._batches import FakeBatches
 
@@ -58,3 +61,92 @@ def test_a_clean_batch_gives_the_live_frame_at_half_price(srv, batches, tmp_path
     live_facts = live.attrs["llm"]
     assert facts["prompt_tokens"] == live_facts["prompt_tokens"]
     assert facts["cost"] < live_facts["cost"]
+
+
+def test_failed_lines_go_into_one_more_batch(srv, batches, tmp_path):
+    df = frame(extra={3: ", note=BATCH_FAIL"})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert "llm_error" not in out  # no row failed
+    assert out.loc["r3", "name"] == "N3"
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and facts["batches"] == 2
+    assert facts["resubmitted_lines"] == 1 and facts["live_fallback_rows"] == 0
+
+
+def test_lines_failing_in_every_batch_go_live(srv, batches, tmp_path):
+    batches.fail_times = 5
+    df = frame(extra={2: ", note=BATCH_FAIL"})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert out.loc["r2", "year"] == 1902
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and facts["live_fallback_rows"] == 1
+
+
+def test_an_expired_batch_resubmits_what_did_not_run(srv, batches, tmp_path):
+    batches.window = 600
+    df = frame(extra={4: ", note=BATCH_EXPIRE"})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert out.loc["r4", "name"] == "N4"
+    assert batches.stats()["batches"] == 2
+    # Polled with backoff: doubling from 5 s to at most 60 s, never a busy loop.
+    waits = batches.waits
+    assert waits[:4] == [5.0, 10.0, 20.0, 40.0] and max(waits) == 60.0
+
+
+def test_past_the_deadline_failed_lines_go_live_not_into_another_batch(srv, batches, tmp_path):
+    batches.window = 600
+    df = frame(extra={4: ", note=BATCH_EXPIRE"})
+    past = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+    out = extract(df, srv, batch=True, batch_deadline=past, cache=str(tmp_path / "c.sqlite3"))
+    assert out.loc["r4", "name"] == "N4"
+    assert batches.stats()["batches"] == 1 and out.attrs["llm"]["live_fallback_rows"] == 1
+
+
+def test_a_batch_split_by_the_providers_limits(srv, batches, tmp_path, monkeypatch):
+    batches.max_requests = 2  # the server refuses bigger batches
+    monkeypatch.setattr(OpenAIBatch, "limits", BatchLimits(2, 10**6))
+    df = frame(7)
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == [f"N{i}" for i in range(7)]
+    assert batches.stats()["batches"] == 3  # 6 lines after the live setup row, 2 a batch
+
+
+def test_rows_already_cached_are_not_submitted(srv, batches, tmp_path):
+    cache = str(tmp_path / "c.sqlite3")
+    extract(frame(3), srv, cache=cache)  # rows 0-2 live
+    out = extract(frame(6), srv, batch=True, cache=cache)
+    assert out.attrs["llm"]["cached_rows"] == 3
+    # Row 3 went live as the setup request; rows 4 and 5 were the only lines.
+    assert batches.stats()["lines"] == 2
+    again = extract(frame(6), srv, cache=cache)  # a live re-run pays nothing
+    assert again.attrs["llm"]["requests"] == 0
+
+
+def test_identical_rows_are_one_line(srv, batches, tmp_path):
+    df = pd.DataFrame({"text": ["name=A, year=1", "name=B, year=2"] * 3})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == ["A", "B"] * 3
+    assert batches.stats()["lines"] == 1  # A went live; B once
+
+
+def test_a_rejected_batch_fails_the_call_with_the_providers_message(srv, batches, tmp_path):
+    batches.max_requests = 2  # but the client believes the documented 50,000
+    with pytest.raises(APIError, match="rejected batch") as info:
+        extract(frame(6), srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert KEY not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"batch": "yes"}, "batch must be True"),
+        ({"batch_deadline": 60}, "only applies to batch=True"),
+        ({"batch": True, "batch_deadline": -1}, "batch_deadline must be"),
+        ({"batch": True, "batch_deadline": datetime.timedelta(0)}, "batch_deadline must be"),
+        ({"batch": True, "cache": False}, "pass cache=True"),
+    ],
+)
+def test_batch_settings_are_checked_before_any_request(srv, batches, options, match):
+    with pytest.raises(ConfigurationError, match=match):
+        extract(frame(2), srv, **options)
+    assert batches.stats()["files"] == 0 and srv.stats()["requests"] == 0
