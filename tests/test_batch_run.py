@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 
 import pandas as pd
@@ -150,3 +159,85 @@ def test_batch_settings_are_checked_before_any_request(srv, batches, options, ma
     with pytest.raises(ConfigurationError, match=match):
         extract(frame(2), srv, **options)
     assert batches.stats()["files"] == 0 and srv.stats()["requests"] == 0
+
+
+_CHILD = """
+import sys
+import pandas as pd
+import parrot_pandas
+url, cache, key = sys.argv[1:4]
+texts = [f"name=N{i}, year={1900 + i}" for i in range(6)]
+pd.DataFrame({"text": texts}).llm.extract(
+    "${text}", {"name": str, "year": int}, api_key=key, base_url=url, model="gpt-4o-mini",
+    batch=True, cache=cache, progress=False,
+)
+"""
+
+
+def _recorded_batch_id(cache: pathlib.Path) -> str | None:
+    if not cache.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(cache, timeout=1)) as conn:
+            row = conn.execute("SELECT batch_id FROM batches WHERE batch_id IS NOT NULL").fetchone()
+    except sqlite3.OperationalError:  # not migrated yet
+        return None
+    return row[0] if row else None
+
+
+def test_kill_9_while_waiting_then_a_rerun_reattaches_without_submitting_again(
+    srv, batches, tmp_path
+):
+    batches.step = 10**6  # the batch will not move while the child waits
+    cache = tmp_path / "c.sqlite3"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_batch_id(cache) is None:
+            assert child.poll() is None, "the child ended before submitting"
+            assert time.monotonic() < deadline, "the child never recorded its batch"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    submitted = batches.batch_ids()
+    assert len(submitted) == 1 and _recorded_batch_id(cache) == submitted[0]
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1  # re-attached, never submitted again
+    assert out.attrs["llm"]["batch_ids"] == submitted
+    # A live re-run pays nothing: every answer landed in the per-row cache.
+    assert extract(frame(6), srv, cache=str(cache)).attrs["llm"]["requests"] == 0
+
+
+async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
+    srv, batches, tmp_path, monkeypatch, caplog
+):
+    batches.step = 10**6
+    waiting = asyncio.Event()
+
+    async def wait(seconds: float) -> None:
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(_batch_run, "wait_between", wait)
+    cache = str(tmp_path / "c.sqlite3")
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", "cache": cache}
+    task = asyncio.ensure_future(
+        frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options)
+    )
+    await asyncio.wait_for(waiting.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (batch_id,) = batches.batch_ids()
+    assert "Re-run the same call to resume" in caplog.text and batch_id in caplog.text
+    assert batches.stats()["cancels"] == 0  # the batch goes on
+    batches.step = 0
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = await frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options)
+    assert out.attrs["llm"]["batch_ids"] == [batch_id] and batches.stats()["batches"] == 1
