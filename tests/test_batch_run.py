@@ -241,3 +241,37 @@ async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
     monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
     out = await frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options)
     assert out.attrs["llm"]["batch_ids"] == [batch_id] and batches.stats()["batches"] == 1
+
+
+def test_outstanding_batches_are_listed_refreshed_and_cancelled(srv, batches, tmp_path):
+    cache = tmp_path / "c.sqlite3"
+    batches.step = 10**6
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_batch_id(cache) is None:
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (batch_id,) = batches.batch_ids()
+    listed = parrot_pandas.list_batches(cache)
+    assert list(listed["batch_id"]) == [batch_id]
+    assert listed.loc[0, "requests"] == 5 and listed.loc[0, "provider"] == "openai"
+    fresh = parrot_pandas.list_batches(cache, refresh=True, api_key=KEY)
+    assert fresh.loc[0, "state"] == "validating"
+    with pytest.raises(ConfigurationError, match="not among this project's"):
+        parrot_pandas.cancel_batches(["batch_nope"], cache, api_key=KEY)
+    cancelled = parrot_pandas.cancel_batches(cache=cache, api_key=KEY)
+    assert list(cancelled["batch_id"]) == [batch_id]
+    assert cancelled.loc[0, "state"] in ("cancelling", "ended:cancelled")
+    assert batches.stats()["cancels"] == 1
+    # After the cancel the provider has ended it; a re-run reads it and sends the rest again.
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["year"]) == [1900 + i for i in range(6)]
+    assert parrot_pandas.list_batches(cache).empty
