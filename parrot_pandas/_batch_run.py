@@ -40,7 +40,7 @@ from typing import Any
 from ._batch import BatchClient
 from ._events import RunFinished, RunStarted, Usage
 from ._feed import Feed, Job
-from ._pricing import batch_cost, cost
+from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
 from ._scheduler import Scheduler
 from ._secrets import redact_url
 from .errors import APIError, StructuredOutputError, Verdict
@@ -269,8 +269,8 @@ class BatchScheduler(Scheduler):
             batch_completion_tokens=self.batch_usage.completion_tokens,
             resubmitted_lines=self.resubmitted,
             live_fallback_rows=self.live_fallback,
-            cached_prompt_tokens=self.cache_read,
-            cache_creation_tokens=self.cache_written,
+            batch_cached_prompt_tokens=self.cache_read,
+            batch_cache_creation_tokens=self.cache_written,
         )
         return facts
 
@@ -468,17 +468,29 @@ def _batch_refused(exc: APIError) -> APIError:
 # -- cost and progress -----------------------------------------------------------------------
 
 
-def run_cost(model: str, facts: dict[str, Any]) -> float | None:
-    """USD for a run's facts: live tokens at the live price, batch tokens at the batch price."""
+def run_cost(model: str, provider: str, facts: dict[str, Any]) -> float | None:
+    """USD for a run's facts: live tokens at the live price, batch tokens at the batch price,
+    prompt-cache reads and writes at their prices (:func:`~._pricing.cache_price_factors`)."""
     batch_prompt = facts.get("batch_prompt_tokens", 0)
     batch_completion = facts.get("batch_completion_tokens", 0)
     live = cost(
         model, facts["prompt_tokens"] - batch_prompt, facts["completion_tokens"] - batch_completion
     )
-    if live is None or not (batch_prompt or batch_completion):
-        return live
     batch = batch_cost(model, batch_prompt, batch_completion)
-    return None if batch is None else live + batch
+    price = price_of(model)
+    if live is None or batch is None or price is None:
+        return None
+    read_factor, write_factor = cache_price_factors(provider)
+    batch_read = facts.get("batch_cached_prompt_tokens", 0)
+    batch_written = facts.get("batch_cache_creation_tokens", 0)
+    live_read = facts.get("cached_prompt_tokens", 0) - batch_read
+    live_written = facts.get("cache_creation_tokens", 0) - batch_written
+    # Cached tokens are part of the prompt tokens above, billed at the full input price.
+    per_token = price.input / 1_000_000
+    adjust = (live_read + batch_read * BATCH_DISCOUNT) * (read_factor - 1) + (
+        live_written + batch_written * BATCH_DISCOUNT
+    ) * (write_factor - 1)
+    return live + batch + adjust * per_token
 
 
 class BatchBar:

@@ -22,7 +22,7 @@ from ._batch_run import BatchBar, BatchScheduler, run_cost
 from ._cache import open_cache
 from ._client import Client
 from ._config import STRUCTURED_STRATEGIES, RunConfig
-from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunStats
+from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunFinished, RunStats
 from ._feed import LOOKUP_BATCH, Job
 from ._frame import ERROR_COLUMN, explode
 from ._limits import Budget, RateBudget
@@ -219,6 +219,7 @@ class Run:
                 try:
                     yield scheduler, stats
                 finally:
+                    stats(RunFinished(_prompt_cache_facts(client, scheduler)))
                     logger.info("%s", _summary(stats.facts))
         finally:
             if batch_bar is not None:
@@ -248,7 +249,7 @@ class Run:
 
     def _facts(self, stats: RunStats) -> dict[str, Any]:
         facts = dict(stats.facts)
-        facts["cost"] = run_cost(self.config.model, facts)
+        facts["cost"] = run_cost(self.config.model, self.config.provider, facts)
         return facts
 
 
@@ -307,6 +308,17 @@ def _check_collisions(frame: pd.DataFrame, names: list[str], *, from_output: boo
             f"the DataFrame already has a column named {ERROR_COLUMN!r}, which parrot_pandas uses "
             "for per-row errors; rename it first"
         )
+
+
+def _prompt_cache_facts(client: Client, scheduler: Scheduler) -> dict[str, int]:
+    # Live answers' prompt-cache tokens (the client counts them) plus a batch's lines'.
+    facts = scheduler.facts() if isinstance(scheduler, BatchScheduler) else {}
+    return {
+        "cached_prompt_tokens": client.prompt_cache.read
+        + facts.get("batch_cached_prompt_tokens", 0),
+        "cache_creation_tokens": client.prompt_cache.written
+        + facts.get("batch_cache_creation_tokens", 0),
+    }
 
 
 def _summary(facts: dict[str, Any]) -> str:

@@ -275,3 +275,46 @@ def test_outstanding_batches_are_listed_refreshed_and_cancelled(srv, batches, tm
     out = extract(frame(6), srv, batch=True, cache=str(cache))
     assert list(out["year"]) == [1900 + i for i in range(6)]
     assert parrot_pandas.list_batches(cache).empty
+
+
+# -- prompt caching, live and in a batch ------------------------------------------------------
+
+SYSTEM = "You read short records and pull out the fields asked for. " * 40
+
+
+def test_live_answers_report_prompt_cache_reads_into_attrs_and_cost(srv, batches, tmp_path):
+    batches.cache_min_tokens = 50
+    df = frame(4)
+    opts = {"system": SYSTEM, "max_concurrency": 1, "cache": str(tmp_path / "c.sqlite3")}
+    out = extract(df, srv, **opts)
+    facts = out.attrs["llm"]
+    assert facts["cached_prompt_tokens"] > 0  # rows 2-4 read the prefix row 1 wrote
+    assert facts["cache_creation_tokens"] == 0  # OpenAI does not bill writes
+    full = parrot_pandas.price_of("gpt-4o-mini").cost(
+        facts["prompt_tokens"], facts["completion_tokens"]
+    )
+    assert facts["cost"] == pytest.approx(full - facts["cached_prompt_tokens"] * 0.5 * 0.15 / 1e6)
+
+
+def test_an_anthropic_batch_reads_the_cache_its_live_setup_request_warmed(srv, batches, tmp_path):
+    batches.cache_min_tokens = 50
+    long_system = SYSTEM * 3  # past Anthropic's 1,024-token minimum, so cache_control is set
+    out = frame(5).llm.extract(
+        "${text}",
+        {"name": str, "year": int},
+        api_key=KEY,
+        provider="anthropic",
+        base_url=srv.origin,
+        model="claude-sonnet-4-5",
+        system=long_system,
+        batch=True,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    assert list(out["name"]) == [f"N{i}" for i in range(5)]
+    facts = out.attrs["llm"]
+    assert facts["batches"] == 1 and batches.stats()["lines"] == 4
+    assert batches.stats()["cache_reads"] == 4  # each line read the warm prefix
+    assert facts["cache_creation_tokens"] > 0  # the live setup request wrote the prefix
+    # Every line of the batch read it: a cold batch would have read nothing.
+    assert facts["batch_cached_prompt_tokens"] > 0
+    assert facts["cached_prompt_tokens"] == facts["batch_cached_prompt_tokens"]
