@@ -318,3 +318,35 @@ def test_an_anthropic_batch_reads_the_cache_its_live_setup_request_warmed(srv, b
     # Every line of the batch read it: a cold batch would have read nothing.
     assert facts["batch_cached_prompt_tokens"] > 0
     assert facts["cached_prompt_tokens"] == facts["batch_cached_prompt_tokens"]
+
+
+# -- every protocol, samples, streaming --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "lines"),
+    [("openai", 4), ("azure", 4), ("anthropic", 8)],  # Anthropic has no n: a line per sample
+)
+def test_n_samples_per_row_on_every_protocol(srv, batches, tmp_path, provider, lines):
+    options = {"api_key": KEY, "model": "gpt-4o-mini", "cache": str(tmp_path / "c.sqlite3")}
+    if provider == "openai":
+        options["base_url"] = srv.url
+    else:
+        options.update(provider=provider, base_url=srv.origin)
+        if provider == "azure":
+            options["api_version"] = "2024-10-21"
+    df = frame(5)
+    out = df.llm.generate("${text}", output="said", n=2, batch=True, **options)
+    assert len(out) == 10 and out.index.tolist() == [f"r{i}" for i in range(5) for _ in (0, 1)]
+    assert out["said"].notna().all()
+    assert batches.stats()["lines"] == lines and out.attrs["llm"]["batches"] == 1
+    live = df.llm.generate("${text}", output="said", n=2, **options)
+    assert live.attrs["llm"]["requests"] == 0  # every sample landed in the per-row cache
+
+
+def test_chunks_of_a_batch_run_are_the_batch_frame(srv, batches, tmp_path):
+    df = frame(6)
+    chunks = list(extract(df, srv, batch=True, cache=str(tmp_path / "a.sqlite3"), chunksize=4))
+    assert [len(c) for c in chunks] == [4, 2] and batches.stats()["batches"] == 1
+    whole = extract(df, srv, batch=True, cache=str(tmp_path / "b.sqlite3"))
+    pd.testing.assert_frame_equal(pd.concat(chunks).drop(columns="llm_error"), whole)
