@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from ._batch import BatchClient
 from ._events import RunFinished, RunStarted, Usage
 from ._feed import Feed, Job
@@ -515,3 +517,56 @@ class BatchBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+# -- estimate ---------------------------------------------------------------------------------
+
+
+def with_batch_figures(estimate: Any, rpm: float | None) -> Any:
+    """``estimate`` (the Series of :func:`~._estimate.estimate`) with the batch figures, and
+    ``estimate.attrs["modes"]``: live, live packed, batch and batch packed side by side.
+
+    A batch run sends its first row live (the setup request), the rest at the batch price.
+    """
+    model = estimate["model"]
+    rows = max(estimate["rows"] - estimate["skipped_rows"] - estimate["cached_rows"], 0)
+    modes: dict[str, dict[str, Any]] = {}
+
+    def mode(name: str, requests: int, prompt: int, completion: int | None) -> None:
+        one_live = 1 if requests else 0
+        share = one_live / requests if requests else 0.0
+        live = cost(model, prompt, completion)
+        price = None
+        if live is not None:
+            price = live if not name.startswith("batch") else live * (share + (1 - share) / 2)
+        seconds: Any = None
+        if name.startswith("batch"):
+            seconds = "within 24 h"
+        elif rpm:
+            seconds = round(requests / rpm * 60, 1)
+        modes[name] = {
+            "requests": requests,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost": price,
+            "expected_seconds": seconds,
+        }
+
+    for prefix, key in (("", ""), ("packed_", " packed")):
+        if f"{prefix}requests" not in estimate:
+            continue
+        requests = estimate[f"{prefix}requests"]
+        prompt, completion = (
+            estimate[f"{prefix}prompt_tokens"],
+            estimate[f"{prefix}completion_tokens"],
+        )
+        mode(f"live{key}", requests, prompt, completion)
+        mode(f"batch{key}", requests, prompt, completion)
+    out = estimate.copy()
+    out["batch_cost"] = modes["batch"]["cost"]
+    if "batch packed" in modes:
+        out["batch_packed_cost"] = modes["batch packed"]["cost"]
+    order = [m for m in ("live", "live packed", "batch", "batch packed") if m in modes]
+    out.attrs["modes"] = pd.DataFrame([modes[m] for m in order], index=pd.Index(order, name="mode"))
+    out.attrs["modes"].attrs["rows_to_send"] = rows
+    return out

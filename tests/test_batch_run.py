@@ -350,3 +350,22 @@ def test_chunks_of_a_batch_run_are_the_batch_frame(srv, batches, tmp_path):
     assert [len(c) for c in chunks] == [4, 2] and batches.stats()["batches"] == 1
     whole = extract(df, srv, batch=True, cache=str(tmp_path / "b.sqlite3"))
     pd.testing.assert_frame_equal(pd.concat(chunks).drop(columns="llm_error"), whole)
+
+
+def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
+    df = frame(11)
+    est = df.llm.estimate(
+        "${text}",
+        fields={"name": str, "year": int},
+        max_tokens=50,
+        rpm=60,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    modes = est.attrs["modes"]
+    assert list(modes.index) == ["live", "batch"]
+    live, batch = modes.loc["live"], modes.loc["batch"]
+    assert live["requests"] == batch["requests"] == 11
+    assert live["expected_seconds"] == 11.0 and batch["expected_seconds"] == "within 24 h"
+    # One setup row live, ten at half price.
+    assert batch["cost"] == pytest.approx(live["cost"] * (1 + 10 / 2) / 11)
+    assert est["batch_cost"] == batch["cost"]
