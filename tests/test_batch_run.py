@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import pandas as pd
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 import parrot_pandas  # noqa: F401  (registers df.llm)
 from parrot_pandas import APIError, ConfigurationError, _batch_run
@@ -369,3 +371,33 @@ def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
     # One setup row live, ten at half price.
     assert batch["cost"] == pytest.approx(live["cost"] * (1 + 10 / 2) / 11)
     assert est["batch_cost"] == batch["cost"]
+
+
+async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
+    # A plain OpenAI-compatible server (llama.cpp, vLLM): chat answers, /files is a 404.
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with TestServer(app, host="127.0.0.1") as plain:
+        with pytest.raises(APIError, match=r"no Batch API.*pass batch=False"):
+            await frame(3).llm.agenerate(
+                "${text}",
+                output="said",
+                api_key=KEY,
+                base_url=str(plain.make_url("/v1")),
+                batch=True,
+                cache=str(tmp_path / "c.sqlite3"),
+            )
