@@ -43,6 +43,7 @@ from ._batch import BatchClient
 from ._events import RunFinished, RunStarted, Usage
 from ._feed import Feed, Job
 from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
+from ._progress import _AUTO_MIN_ROWS
 from ._scheduler import Scheduler
 from ._secrets import redact_url
 from .errors import APIError, StructuredOutputError, Verdict
@@ -496,10 +497,11 @@ def run_cost(model: str, provider: str, facts: dict[str, Any]) -> float | None:
 
 
 class BatchBar:
-    """A ``tqdm.auto`` bar of a batch's requests while waiting (``None`` progress: shown)."""
+    """A ``tqdm.auto`` bar of a batch's requests while waiting; ``progress=None`` shows it
+    for runs of 50 rows or more, as the row bar."""
 
-    def __init__(self, setting: bool | None) -> None:
-        self._on = setting is not False
+    def __init__(self, setting: bool | None, rows: int) -> None:
+        self._on = setting if setting is not None else rows >= _AUTO_MIN_ROWS
         self._bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:

@@ -195,7 +195,7 @@ class Run:
         if bar is not None:
             every.append(bar)
         cache = open_cache(config.cache)
-        batch_bar = BatchBar(config.progress) if config.batch else None
+        batch_bar = BatchBar(config.progress, len(self.frame)) if config.batch else None
         try:
             kind = Client if batch_bar is None else BatchClient
             client = kind(
