@@ -64,6 +64,9 @@ async def wait_between(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+# The batch metadata key (OpenAI, Azure) naming the part's digest: finds a batch whose create
+# response was lost to a crash.
+_DIGEST_KEY = "parrot_digest"
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
 
@@ -360,15 +363,17 @@ class BatchScheduler(Scheduler):
 
     async def _attach_or_submit(self, records: Records, part: BatchPart) -> BatchStatus:
         record = self._found(records, part)
-        if record is not None and record.batch_id and record.state != "ended:failed":
-            logger.info("re-attaching to batch %s (%d requests)", record.batch_id, len(part))
-            status = await self._look(records, part, record.batch_id)
+        batch_id = record.batch_id if record is not None else None
+        if record is not None and batch_id is None and record.state == "submitting":
+            # A crash between the create request and its record: the batch may exist.
+            batch_id = await self._orphan(part, record.created)
+        if batch_id is not None and record is not None and record.state != "ended:failed":
+            logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
+            status = await self._look(records, part, batch_id)
         else:
             records.begin(self._provider_name, self._base_url, part, self._wall())
             try:
-                status = await self.client.submit(
-                    part, metadata={"parrot_digest": part.digest[:64]}
-                )
+                status = await self.client.submit(part, metadata={_DIGEST_KEY: part.digest[:64]})
             except APIError as exc:
                 raise _batch_refused(exc) from None
             logger.info("submitted batch %s (%d requests)", status.id, len(part))
@@ -383,6 +388,27 @@ class BatchScheduler(Scheduler):
         if status.id not in self.batch_ids:
             self.batch_ids.append(status.id)
         return status
+
+    async def _orphan(self, part: BatchPart, since: float) -> str | None:
+        """The id of a batch created for ``part`` whose create response never reached its
+        record: OpenAI and Azure keep the digest in the batch's metadata (Anthropic keeps
+        none, so there the part is submitted again)."""
+        protocol = self.client.protocol
+        if protocol.name == "anthropic":
+            return None
+        wanted = part.digest[:64]
+        after = None
+        while True:
+            body = await self.client.call(protocol.list_request(after, 100))
+            data = body.get("data") if isinstance(body, dict) else None
+            for item in data or ():
+                metadata = item.get("metadata") if isinstance(item, dict) else None
+                if isinstance(metadata, dict) and metadata.get(_DIGEST_KEY) == wanted:
+                    return str(item.get("id"))
+            statuses, after = protocol.read_list(body)
+            # Newest first: a page that reaches back before the record was written is the last.
+            if after is None or any((s.created_at or since) < since - 60 for s in statuses):
+                return None
 
     async def _wait_all(
         self, statuses: list[BatchStatus], parts: list[BatchPart], records: Records

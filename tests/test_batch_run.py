@@ -192,19 +192,7 @@ def test_kill_9_while_waiting_then_a_rerun_reattaches_without_submitting_again(
 ):
     batches.step = 10**6  # the batch will not move while the child waits
     cache = tmp_path / "c.sqlite3"
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
-        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while _recorded_batch_id(cache) is None:
-            assert child.poll() is None, "the child ended before submitting"
-            assert time.monotonic() < deadline, "the child never recorded its batch"
-            time.sleep(0.05)
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    _submit_then_kill(srv, cache)
     submitted = batches.batch_ids()
     assert len(submitted) == 1 and _recorded_batch_id(cache) == submitted[0]
     batches.step = 0
@@ -248,18 +236,7 @@ async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
 def test_outstanding_batches_are_listed_refreshed_and_cancelled(srv, batches, tmp_path):
     cache = tmp_path / "c.sqlite3"
     batches.step = 10**6
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
-        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while _recorded_batch_id(cache) is None:
-            assert child.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    _submit_then_kill(srv, cache)
     (batch_id,) = batches.batch_ids()
     listed = parrot_pandas.list_batches(cache)
     assert list(listed["batch_id"]) == [batch_id]
@@ -401,3 +378,35 @@ async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
                 batch=True,
                 cache=str(tmp_path / "c.sqlite3"),
             )
+
+
+def _submit_then_kill(srv: FakeServer, cache: pathlib.Path) -> None:
+    """A real child process submits the batch of frame(6), and is killed -9 while waiting."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_batch_id(cache) is None:
+            assert child.poll() is None, "the child ended before submitting"
+            assert time.monotonic() < deadline, "the child never recorded its batch"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def test_a_crash_before_the_batch_id_was_recorded_finds_the_batch_by_its_metadata(
+    srv, batches, tmp_path
+):
+    batches.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    _submit_then_kill(srv, cache)
+    # As if the process had died after the create request, before its answer was recorded.
+    with contextlib.closing(sqlite3.connect(cache)) as conn, conn:
+        conn.execute("UPDATE batches SET batch_id = NULL, state = 'submitting'")
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1 and out.attrs["llm"]["batch_ids"] == batches.batch_ids()
