@@ -410,3 +410,54 @@ def test_a_crash_before_the_batch_id_was_recorded_finds_the_batch_by_its_metadat
     out = extract(frame(6), srv, batch=True, cache=str(cache))
     assert list(out["name"]) == [f"N{i}" for i in range(6)]
     assert batches.stats()["batches"] == 1 and out.attrs["llm"]["batch_ids"] == batches.batch_ids()
+
+
+@pytest.mark.parametrize("marker", ["LONGME", "FILTERME", "CUTME"])
+def test_a_line_that_fails_for_good_fails_its_row_without_another_batch(
+    server_factory, monkeypatch, tmp_path, marker
+):
+    srv = server_factory(
+        api_key=KEY,
+        faults={"LONGME": "context_length", "FILTERME": "content_filter", "CUTME": "truncate"},
+    )
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = extract(
+        frame(5, extra={3: f", note={marker}"}),
+        srv,
+        batch=True,
+        errors="coerce",
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    assert out["llm_error"].notna().tolist() == [False, False, False, True, False]
+    assert out.loc[["r0", "r1", "r2", "r4"], "name"].tolist() == ["N0", "N1", "N2", "N4"]
+    facts = out.attrs["llm"]
+    # Judged as a live answer is: failed for good, so neither resubmitted nor sent live.
+    assert FakeBatches.of(srv.app).stats()["batches"] == 1
+    assert facts["resubmitted_lines"] == 0 and facts["live_fallback_rows"] == 0
+    assert facts["failed_rows"] == 1
+
+
+def test_ctrl_c_in_a_script_says_how_to_resume_and_the_batch_goes_on(srv, batches, tmp_path):
+    batches.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_batch_id(cache) is None:
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert "KeyboardInterrupt" in stderr
+    assert "Re-run the same call to resume" in stderr and batches.batch_ids()[0] in stderr
+    assert KEY not in stderr
+    assert batches.stats()["cancels"] == 0
