@@ -40,6 +40,7 @@ from typing import Any
 import pandas as pd
 
 from ._batch import BatchClient
+from ._config import STRUCTURED_STRATEGIES
 from ._events import RunFinished, RunStarted, Usage
 from ._feed import Feed, Job
 from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
@@ -50,7 +51,7 @@ from .errors import APIError, StructuredOutputError, Verdict
 from .providers import Call
 from .providers._batch import BatchPart, BatchStatus, LineResult
 
-__all__ = ["POLL_FIRST", "POLL_MAX", "ROUNDS", "BatchInterrupted", "BatchScheduler", "Records"]
+__all__ = ["POLL_FIRST", "POLL_MAX", "ROUNDS", "BatchScheduler", "Records"]
 
 logger = logging.getLogger("parrot_pandas")
 
@@ -69,14 +70,6 @@ async def wait_between(seconds: float) -> None:
 _DIGEST_KEY = "parrot_digest"
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
-
-
-class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C while waiting for a batch: the batch goes on at the provider, the call stops.
-
-    Re-running the same call re-attaches to the batch (its record is in the cache database)
-    and reads its answers once it has ended, without submitting it again.
-    """
 
 
 def resume_hint(ids: Sequence[str]) -> str:
@@ -239,8 +232,9 @@ class BatchScheduler(Scheduler):
         ------
         APIError
             The provider rejected a batch (with its message), or a ``run`` verdict.
-        BatchInterrupted
-            Ctrl-C (cancellation) while waiting; the batches go on.
+        asyncio.CancelledError
+            Ctrl-C (the task cancelled) while waiting: the batches go on, and a warning
+            names them and says that re-running the call resumes.
         """
         self._emit(RunStarted(rows=rows, usage=self.usage))
         outcome = [] if outcome is None else outcome
@@ -283,11 +277,8 @@ class BatchScheduler(Scheduler):
     # -- rounds ------------------------------------------------------------------------------
 
     async def _batches(self, jobs: list[Job], feed: Feed, records: Records) -> None:
-        protocol = self.client.protocol
-        lines = self._lines(jobs, feed)
-        parts = protocol.parts([(line.custom_id, line.call) for line in lines])
-        known = any(self._found(records, part) is not None for part in parts)
-        if not known:
+        lines = self._known(jobs, feed, records)
+        if lines is None:
             # No batch of this call exists yet: one row goes live first, the scheduler's setup
             # request (strategy, bad key or model found for one row's price; and a warm
             # prompt cache for the batch, which reads nothing from a cold one).
@@ -310,6 +301,28 @@ class BatchScheduler(Scheduler):
             logger.info("%d row(s) still unanswered %s: sent live", len(pending), why)
             self.live_fallback += sum(job.rows for job in pending)
             await self._run_workers(iter(pending), [], None, workers=len(pending))
+
+    def _known(self, jobs: list[Job], feed: Feed, records: Records) -> list[_Line] | None:
+        """The lines of a batch this call already submitted, or ``None``.
+
+        An earlier run may have moved ``structured="auto"`` to a later strategy at its setup
+        request, so its lines are looked for with each strategy the run may use (the plan
+        takes the one found).
+        """
+        protocol = self.client.protocol
+        plans = [self.plan]
+        if self._probing and self.plan.strategy in STRUCTURED_STRATEGIES:
+            later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) + 1 :]
+            plans += [self.plan.with_strategy(strategy) for strategy in later]
+        first = self.plan
+        for plan in plans:
+            self.plan = plan
+            lines = self._lines(jobs, feed)
+            parts = protocol.parts([(line.custom_id, line.call) for line in lines])
+            if any(self._found(records, part) is not None for part in parts):
+                return lines
+        self.plan = first
+        return None
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and self._wall() >= self._deadline

@@ -461,3 +461,20 @@ def test_ctrl_c_in_a_script_says_how_to_resume_and_the_batch_goes_on(srv, batche
     assert "Re-run the same call to resume" in stderr and batches.batch_ids()[0] in stderr
     assert KEY not in stderr
     assert batches.stats()["cancels"] == 0
+
+
+def test_a_rerun_finds_a_batch_whose_lines_used_the_fallen_back_strategy(
+    server_factory, monkeypatch, tmp_path
+):
+    # The first run's setup request moved structured="auto" from tools to json_schema, so its
+    # batch lines carry json_schema; a re-run must find that batch, not submit another.
+    srv = server_factory(api_key=KEY, supports_tools=False)
+    fake = FakeBatches.of(srv.app)
+    fake.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    _submit_then_kill(srv, cache)
+    fake.step = 0
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert fake.stats()["batches"] == 1 and out.attrs["llm"]["strategy"] == "json_schema"
