@@ -200,6 +200,7 @@ def test_kill_9_while_waiting_then_a_rerun_reattaches_without_submitting_again(
     assert list(out["name"]) == [f"N{i}" for i in range(6)]
     assert batches.stats()["batches"] == 1  # re-attached, never submitted again
     assert out.attrs["llm"]["batch_ids"] == submitted
+    assert out.attrs["llm"]["cached_rows"] == 1  # the setup row, answered live before the kill
     # A live re-run pays nothing: every answer landed in the per-row cache.
     assert extract(frame(6), srv, cache=str(cache)).attrs["llm"]["requests"] == 0
 
