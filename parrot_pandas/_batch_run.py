@@ -51,7 +51,7 @@ from .errors import APIError, StructuredOutputError, Verdict
 from .providers import Call
 from .providers._batch import BatchPart, BatchStatus, LineResult
 
-__all__ = ["POLL_FIRST", "POLL_MAX", "ROUNDS", "BatchScheduler", "Records"]
+__all__ = ["BATCH_TIMEOUT", "POLL_FIRST", "POLL_MAX", "ROUNDS", "BatchScheduler", "Records"]
 
 logger = logging.getLogger("parrot_pandas")
 
@@ -65,11 +65,20 @@ async def wait_between(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+# Seconds at least for one request of a batch run (uploads and downloads are large).
+BATCH_TIMEOUT = 600.0
+# Hex digits of a custom id taken from the job's cache key (160 bits: no collisions).
+_STEM = 40
 # The batch metadata key (OpenAI, Azure) naming the part's digest: finds a batch whose create
 # response was lost to a crash.
 _DIGEST_KEY = "parrot_digest"
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
+
+
+def _stem(key: str) -> str:
+    """A job's custom id (before any ``-s<i>`` sample suffix): short, stable, from its key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:_STEM]
 
 
 def resume_hint(ids: Sequence[str]) -> str:
@@ -314,6 +323,16 @@ class BatchScheduler(Scheduler):
         takes the one found).
         """
         protocol = self.client.protocol
+        # Cheap first: a record naming one of these jobs (custom ids come from cache keys,
+        # whatever the strategy); most first runs stop here without encoding a line.
+        recorded = {
+            cid[:_STEM]
+            for record in records.all()
+            if record.provider == self._provider_name and record.base_url == self._base_url
+            for cid in record.custom_ids
+        }
+        if not any(_stem(job.key) in recorded for job in jobs):
+            return None
         plans = [self.plan]
         if self._probing and self.plan.strategy in STRUCTURED_STRATEGIES:
             later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) + 1 :]
@@ -338,7 +357,7 @@ class BatchScheduler(Scheduler):
             if job.done or job.prompt is None:
                 continue
             asks = feed.asks(job)
-            stem = hashlib.sha256(job.key.encode()).hexdigest()[:40]
+            stem = _stem(job.key)
             for i, want in enumerate(asks):
                 cid = stem if len(asks) == 1 else f"{stem}-s{i}"
                 lines.append(_Line(cid, job, want, plan.call(job.prompt, want)))

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from ._batch import BatchClient
-from ._batch_run import BatchBar, BatchScheduler, run_cost
+from ._batch_run import BATCH_TIMEOUT, BatchBar, BatchScheduler, run_cost
 from ._cache import open_cache
 from ._client import Client
 from ._config import STRUCTURED_STRATEGIES, RunConfig
@@ -197,10 +197,14 @@ class Run:
         cache = open_cache(config.cache)
         batch_bar = BatchBar(config.progress, len(self.frame)) if config.batch else None
         try:
-            kind = Client if batch_bar is None else BatchClient
+            kind, timeout = Client, config.timeout
+            if batch_bar is not None:
+                # A batch file upload or result download can be hundreds of MB.
+                kind = BatchClient
+                timeout = None if timeout is None else max(timeout, BATCH_TIMEOUT)
             client = kind(
                 provider_for(config),
-                timeout=config.timeout,
+                timeout=timeout,
                 max_connections=config.max_concurrency,
                 secret=config.api_key,
             )
