@@ -453,7 +453,7 @@ def test_ctrl_c_in_a_script_says_how_to_resume_and_the_batch_goes_on(srv, batche
             assert child.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         child.send_signal(signal.SIGINT)
-        _, stderr = child.communicate(timeout=30)
+        _, stderr = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
