@@ -441,8 +441,16 @@ def test_a_line_that_fails_for_good_fails_its_row_without_another_batch(
 def test_ctrl_c_in_a_script_says_how_to_resume_and_the_batch_goes_on(srv, batches, tmp_path):
     batches.step = 10**6
     cache = tmp_path / "c.sqlite3"
-    # A child still alive after 45 s prints every thread's stack, so a hang shows where.
-    script = "import faulthandler; faulthandler.dump_traceback_later(45, exit=True)\n" + _CHILD
+    # As a script started from a terminal: Ctrl-C neither ignored nor blocked (a child
+    # inherits both from this process, which other tests' libraries may have changed). A
+    # child still alive after 45 s prints every thread's stack, so a hang shows where.
+    script = (
+        "import faulthandler, signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "faulthandler.dump_traceback_later(45, exit=True)\n" + _CHILD
+    )
+    inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
     child = subprocess.Popen(
         [sys.executable, "-c", script, srv.url, str(cache), KEY],
         env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
@@ -460,7 +468,7 @@ def test_ctrl_c_in_a_script_says_how_to_resume_and_the_batch_goes_on(srv, batche
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert "KeyboardInterrupt" in stderr, stderr
+    assert "KeyboardInterrupt" in stderr, (inherited, stderr)
     assert "Re-run the same call to resume" in stderr and batches.batch_ids()[0] in stderr
     assert KEY not in stderr
     assert batches.stats()["cancels"] == 0
