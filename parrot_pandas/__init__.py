@@ -11,6 +11,7 @@ A call that names no ``model`` uses ``$PARROT_PANDAS_MODEL``, else :data:`DEFAUL
 
 from __future__ import annotations
 
+from ._batches import cancel_batches, list_batches
 from ._cache_admin import cache_info, clear_cache
 from ._config import DEFAULT_MODEL
 from ._pricing import Price, price_of, set_price
@@ -42,8 +43,10 @@ __all__ = [
     "Verdict",
     "__version__",
     "cache_info",
+    "cancel_batches",
     "clear_cache",
     "count_tokens",
+    "list_batches",
     "price_of",
     "set_price",
 ]

@@ -8,6 +8,12 @@ neutral objects, ``_openai_batch.py``, ``_azure_batch.py``, ``_anthropic_batch.p
 
 How phase B wires it into a run
 -------------------------------
+Built in :mod:`parrot_pandas._batch_run` (the run) and :mod:`parrot_pandas._batches` (list
+and cancel); what follows is the plan it implements. Where it differs: the record's key is
+``(provider, redacted base URL, digest)``; one row always goes live first (the setup request,
+also the prompt-cache warm-up, for every provider); lines worth retrying get one more batch,
+then go live.
+
 1. **Jobs become lines.** The run's :class:`~parrot_pandas._feed.Feed` yields the jobs still
    to send (cache hits never reach a batch), exactly as for a live run. Each job's
    :class:`~parrot_pandas.providers.base.Call` (packed rows included) becomes one line,

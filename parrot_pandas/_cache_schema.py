@@ -101,6 +101,29 @@ def _m003_mark_as_ours(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
 
 
+@_migration
+def _m004_batches(conn: sqlite3.Connection) -> None:
+    # batch=True: one record per submitted batch, keyed by what was submitted (the part's
+    # digest), so a re-run in another process re-attaches instead of submitting again
+    # (parrot_pandas._batch_run owns the rows).
+    conn.execute(
+        """
+        CREATE TABLE batches (
+            provider TEXT NOT NULL,
+            base_url TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            batch_id TEXT,
+            state TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            model TEXT,
+            custom_ids TEXT NOT NULL,
+            PRIMARY KEY (provider, base_url, digest)
+        )
+        """
+    )
+
+
 def _user_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 

@@ -20,6 +20,7 @@ import aiohttp
 from ._secrets import redact_url, scrub
 from .errors import APIConnectionError, APIError, StructuredOutputError, Verdict
 from .providers import Call, Completion, Provider
+from .providers._prompt_cache import CacheUsage
 
 __all__ = ["Client"]
 
@@ -62,6 +63,8 @@ class Client:
         self._secret = secret
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[str, str | None] = {}
+        # Prompt-cache tokens the live answers reported (read, written), summed.
+        self.prompt_cache = CacheUsage()
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
@@ -120,6 +123,10 @@ class Client:
             raise self._shown(exc, url) from None
         for problem in completion.problems:
             self._shown(problem, url)
+        reader = getattr(self.provider, "cache_usage", None)
+        if reader is not None:
+            # Prompt-cache tokens of live answers, for attrs["llm"] and the cost.
+            self.prompt_cache += reader(body)
         return completion
 
     def _shown(

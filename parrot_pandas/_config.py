@@ -8,6 +8,7 @@ parameter renames) is not kept here: each provider class states it, and this mod
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import logging
 import math
@@ -79,6 +80,8 @@ RUN_SETTINGS = frozenset(
         "running_loop",
         "structured",
         "rows_per_request",
+        "batch",
+        "batch_deadline",
     }
 )
 
@@ -117,6 +120,8 @@ class RunConfig:
     running_loop: str = "thread"
     structured: str = "auto"
     rows_per_request: int | str = 1
+    batch: bool = False
+    batch_deadline: Any = None
 
     def __repr__(self) -> str:
         # A base_url may carry credentials (https://user:secret@host, ?key=...): never shown.
@@ -186,6 +191,7 @@ class RunConfig:
         endpoint = _resolve_endpoint(settings, model, need_key=need_key)
         params = _check_request_params(params, PROVIDERS[endpoint.provider])
         _check_run_settings(settings)
+        _check_batch(settings, endpoint.provider)
         return cls(
             model=model,
             system=system,
@@ -556,6 +562,45 @@ def _check_rows_per_request(value: Any) -> None:
         raise ConfigurationError(
             "rows_per_request must be an integer >= 1 (rows sent in one request; 1, the "
             f'default, sends each row alone) or "auto" (sized from the limits), got {value!r}'
+        )
+
+
+def _check_batch(settings: Mapping[str, Any], provider: str) -> None:
+    """``batch=`` and ``batch_deadline=``: refused before any request when they cannot work."""
+    batch = settings.get("batch", False)
+    if not isinstance(batch, bool):
+        raise ConfigurationError(
+            f"batch must be True (send rows through the provider's Batch API, at half the "
+            f"price) or False (live requests), got {batch!r}"
+        )
+    deadline = settings.get("batch_deadline")
+    if deadline is not None:
+        if not batch:
+            raise ConfigurationError(
+                "batch_deadline only applies to batch=True; pass batch=True, or drop batch_deadline"
+            )
+        ok = isinstance(deadline, (datetime.datetime, datetime.timedelta)) or (
+            isinstance(deadline, (int, float))
+            and not isinstance(deadline, bool)
+            and 0 < deadline < math.inf
+        )
+        if isinstance(deadline, datetime.timedelta) and deadline.total_seconds() <= 0:
+            ok = False
+        if not ok:
+            raise ConfigurationError(
+                "batch_deadline must be a positive number of seconds, a datetime.timedelta or "
+                f"a datetime.datetime (after it, failed lines go live), got {deadline!r}"
+            )
+    if batch and not hasattr(PROVIDERS[provider], "batch"):
+        raise ConfigurationError(
+            f"provider {provider!r} has no Batch API; pass batch=False, or use provider "
+            "'openai', 'azure' or 'anthropic'"
+        )
+    if batch and settings.get("cache", True) is False:
+        raise ConfigurationError(
+            "batch=True keeps its batch records and answers in the cache database, so that a "
+            "re-run resumes instead of submitting again; pass cache=True (or a file path), or "
+            "batch=False"
         )
 
 

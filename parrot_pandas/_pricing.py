@@ -19,7 +19,16 @@ from types import MappingProxyType
 
 from .errors import ConfigurationError
 
-__all__ = ["PRICES", "Price", "cost", "price_of", "set_price"]
+__all__ = [
+    "BATCH_DISCOUNT",
+    "PRICES",
+    "Price",
+    "batch_cost",
+    "cache_price_factors",
+    "cost",
+    "price_of",
+    "set_price",
+]
 
 # --------------------------------------------------------------------------- prices
 
@@ -185,3 +194,40 @@ def cost(model: str, prompt_tokens: int | None, completion_tokens: int | None) -
     if price is None or prompt_tokens is None or completion_tokens is None:
         return None
     return price.cost(prompt_tokens, completion_tokens)
+
+
+# OpenAI's, Azure's and Anthropic's Batch APIs bill input and output at half the live price
+# (OpenAI and Anthropic pricing pages, "Batch API": 50% off).
+BATCH_DISCOUNT = 0.5
+
+
+def batch_cost(
+    model: str, prompt_tokens: int | None, completion_tokens: int | None
+) -> float | None:
+    """USD for tokens answered through a Batch API: :func:`cost` at :data:`BATCH_DISCOUNT`.
+
+    Examples
+    --------
+    >>> batch_cost("gpt-4o-mini", 1_000_000, 1_000_000)
+    0.375
+    """
+    live = cost(model, prompt_tokens, completion_tokens)
+    return None if live is None else live * BATCH_DISCOUNT
+
+
+# What a prompt-cache read and write cost, as a share of the input price. Anthropic: reads
+# 0.1x, 5-minute writes 1.25x (pricing page, "Prompt caching"). OpenAI: cached input is at
+# least half off (gpt-4o family 0.5x; newer models bill less, so this is never an understatement).
+_CACHE_FACTORS = {"anthropic": (0.1, 1.25)}
+_DEFAULT_CACHE_FACTORS = (0.5, 1.0)
+
+
+def cache_price_factors(provider: str) -> tuple[float, float]:
+    """``(read, write)``: a cached prompt token's price as a share of the input price.
+
+    Examples
+    --------
+    >>> cache_price_factors("anthropic")
+    (0.1, 1.25)
+    """
+    return _CACHE_FACTORS.get(provider, _DEFAULT_CACHE_FACTORS)

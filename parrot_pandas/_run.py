@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,16 +17,17 @@ from typing import Any
 
 import pandas as pd
 
+from ._batch import BatchClient
+from ._batch_run import BATCH_TIMEOUT, BatchBar, BatchScheduler, run_cost
 from ._cache import open_cache
 from ._client import Client
 from ._config import STRUCTURED_STRATEGIES, RunConfig
-from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunStats
+from ._events import Event, Listener, RowsDone, RowsFailed, RowsSkipped, RunFinished, RunStats
 from ._feed import LOOKUP_BATCH, Job
 from ._frame import ERROR_COLUMN, explode
 from ._limits import Budget, RateBudget
 from ._packing import MAX_AUTO_ROWS, template_ends
 from ._plan import RequestPlan
-from ._pricing import cost
 from ._progress import progress_listener
 from ._scheduler import Scheduler
 from ._structured import Field, normalize_fields
@@ -197,15 +199,25 @@ class Run:
         if bar is not None:
             every.append(bar)
         cache = open_cache(config.cache)
+        batch_bar = BatchBar(config.progress, len(self.frame)) if config.batch else None
         try:
-            client = Client(
+            kind, timeout = Client, config.timeout
+            if batch_bar is not None:
+                # A batch file upload or result download can be hundreds of MB.
+                kind = BatchClient
+                timeout = None if timeout is None else max(timeout, BATCH_TIMEOUT)
+            client = kind(
                 provider_for(config),
-                timeout=config.timeout,
+                timeout=timeout,
                 max_connections=config.max_concurrency,
                 secret=config.api_key,
             )
             async with client:
-                scheduler = Scheduler(
+                scheduling: Any = Scheduler
+                if batch_bar is not None:
+                    # batch=True: the same scheduler, its rows sent through batches.
+                    scheduling = functools.partial(BatchScheduler, on_counts=batch_bar)
+                scheduler = scheduling(
                     self.plan,
                     client,
                     budget if budget is not None else RateBudget(rpm=config.rpm, tpm=config.tpm),
@@ -216,8 +228,11 @@ class Run:
                 try:
                     yield scheduler, stats
                 finally:
+                    stats(RunFinished(_prompt_cache_facts(client, scheduler)))
                     logger.info("%s", _summary(stats.facts))
         finally:
+            if batch_bar is not None:
+                batch_bar.close()
             if bar is not None:
                 bar.close(self._facts(stats))
             if cache is not None:
@@ -243,7 +258,7 @@ class Run:
 
     def _facts(self, stats: RunStats) -> dict[str, Any]:
         facts = dict(stats.facts)
-        facts["cost"] = cost(self.config.model, facts["prompt_tokens"], facts["completion_tokens"])
+        facts["cost"] = run_cost(self.config.model, self.config.provider, facts)
         return facts
 
 
@@ -302,6 +317,17 @@ def _check_collisions(frame: pd.DataFrame, names: list[str], *, from_output: boo
             f"the DataFrame already has a column named {ERROR_COLUMN!r}, which parrot_pandas uses "
             "for per-row errors; rename it first"
         )
+
+
+def _prompt_cache_facts(client: Client, scheduler: Scheduler) -> dict[str, int]:
+    # Live answers' prompt-cache tokens (the client counts them) plus a batch's lines'.
+    facts = scheduler.facts() if isinstance(scheduler, BatchScheduler) else {}
+    return {
+        "cached_prompt_tokens": client.prompt_cache.read
+        + facts.get("batch_cached_prompt_tokens", 0),
+        "cache_creation_tokens": client.prompt_cache.written
+        + facts.get("batch_cache_creation_tokens", 0),
+    }
 
 
 def _summary(facts: dict[str, Any]) -> str:

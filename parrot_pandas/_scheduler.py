@@ -488,6 +488,15 @@ class Scheduler:
                 completion.completion_tokens,
                 latency,
             )
+        return self._judge(completion, want)
+
+    def _judge(
+        self, completion: Completion, want: int
+    ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
+        """An answer's usable samples as (text, value), the texts whose values can never
+        parse, and the worst problem among the rest: the same for a live answer and a
+        batch line's."""
+        plan = self.plan
         answers: list[tuple[str, Any]] = []
         unusable: list[str] = []
         problem: StructuredOutputError | None = None

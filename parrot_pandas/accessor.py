@@ -18,6 +18,7 @@ from typing import Any, TypeVar, overload
 
 import pandas as pd
 
+from ._batch_run import with_batch_figures
 from ._config import RUN_SETTINGS
 from ._estimate import estimate as _estimate
 from ._run import Run, RunSpec, prepare
@@ -375,7 +376,11 @@ class LLMAccessor:
             (``None`` when the model's price is unknown: never a guess) and ``tokenizer``.
             With ``rows_per_request``, also ``rows_per_request`` (the rows a pack would hold),
             ``packed_requests``, ``packed_prompt_tokens``, ``packed_completion_tokens`` and
-            ``packed_cost``: the same run with several rows per request.
+            ``packed_cost``: the same run with several rows per request. Also ``batch_cost``
+            (``batch=True``: the first row live, the rest at half price) and
+            ``batch_packed_cost`` where packed figures are given. ``.attrs["modes"]`` puts
+            live, live packed, batch and batch packed side by side: requests, tokens, cost
+            and the expected time (live: from ``rpm``; a batch: within 24 hours).
 
         Raises
         ------
@@ -390,7 +395,7 @@ class LLMAccessor:
         run = prepare(
             self._obj, _spec(template, options, output=output, fields=fields), sending=False
         )
-        return _estimate(run.frame, run.template, run.plan)
+        return with_batch_figures(_estimate(run.frame, run.template, run.plan), run.config.rpm)
 
 
 def _sync(run: Run, chunksize: int | None) -> pd.DataFrame | Iterator[pd.DataFrame]:

@@ -617,7 +617,11 @@ def test_prefix_key_is_stable_for_the_shared_prefix_only() -> None:
 
 def test_openai_sends_prompt_cache_key_to_openai_only() -> None:
     one = call()
-    body = dict(OpenAIProvider("https://api.openai.com/v1", KEY).build(one).json)
+    # Live requests carry it too: build applies with_prompt_cache (issue 14, phase B).
+    built = OpenAIProvider("https://api.openai.com/v1", KEY).build(one).json
+    assert built["prompt_cache_key"] == prefix_key(one)
+    body = dict(openai().build(one).json)
+    assert "prompt_cache_key" not in body
     vendor = OpenAIProvider("https://api.openai.com/v1", KEY).with_prompt_cache(one, body)
     assert vendor["prompt_cache_key"] == prefix_key(one)
     assert OpenAIProvider("https://api.openai.com/v1").with_prompt_cache(one, vendor) == vendor

@@ -110,6 +110,15 @@ def test_summarize(execute: Execute) -> None:
     assert _counts(out["again"]) == {"rows": 6, "cached_rows": 5, "requests": 0}
     assert re.search(r"^cost\s+0\.0\s*$", out["again"], re.M)
 
+    # batch=True against the local test server: live and batch side by side, then both runs;
+    # the same summaries, one batch, three of four requests at half price.
+    assert re.search(
+        r"^batch\s+4\s+\d+\s+400\s+[\d.e-]+\s+within 24 h\s*$", out["batch-modes"], re.M
+    )
+    assert "same summaries: True" in out["batch-run"]
+    assert re.search(r"batches: \['batch_\w+'\]", out["batch-run"])
+    assert "saved: 37%" in out["batch-run"]
+
 
 @pytest.mark.slow
 def test_sentiment(execute: Execute) -> None:

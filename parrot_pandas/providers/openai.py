@@ -179,6 +179,8 @@ class OpenAIProvider:
         if call.schema is not None:
             body.update(_structured_fields(call))
         body.update(extra)
+        # The shared prefix first and byte-stable, marked for the provider's prompt cache.
+        body = self.with_prompt_cache(call, body)
         return HTTPRequest(self._url_for(call), self._headers, body)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:

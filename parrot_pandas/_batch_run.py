@@ -1,0 +1,636 @@
+"""``batch=True``: a run whose requests go through the provider's Batch API, resumable.
+
+How a batch run goes
+--------------------
+1. The run's :class:`~parrot_pandas._feed.Feed` gives the jobs still to send, as for a live
+   run: cached rows never reach a batch, identical rows are one job.
+2. Each job becomes one line per request it needs (:meth:`Feed.asks`: one line with ``n``
+   samples on OpenAI, one line per sample on Anthropic), ``custom_id`` a short hash of the
+   job's cache key; ``protocol.parts`` splits the lines by the provider's limits.
+3. Unless a record says a part was already submitted, one row goes live first: the
+   scheduler's setup request (it picks the structured-output strategy, fails the run early on
+   a bad key or model, and warms the provider's prompt cache for what follows). Then each part
+   gets a record in the cache database (table ``batches``, keyed by provider, base URL and
+   the part's digest: what was submitted) before it is created, and its batch id right after.
+   A re-run computes the same parts, finds their records and re-attaches: it never submits
+   the same batch twice, across processes and kernel restarts.
+4. Waiting polls with backoff (:data:`POLL_FIRST` seconds, doubling to :data:`POLL_MAX`) and
+   feeds a progress bar from the batch's request counts. Ctrl-C stops waiting, not the batch.
+5. Each line's answer goes through the scheduler's own ``_judge``/``_keep``/``_finish``/
+   ``_fail``: the same cache, the same verdicts as a live answer. Lines whose verdict says
+   retry (expired, cancelled, a 500) go into one more batch, at most :data:`ROUNDS` batches in
+   all, or live through the ordinary scheduler once ``batch_deadline`` has passed or the
+   rounds are used up. A batch the provider rejects fails the call with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from ._batch import BatchClient
+from ._config import STRUCTURED_STRATEGIES
+from ._events import RunFinished, RunStarted, Usage
+from ._feed import Feed, Job
+from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
+from ._progress import _AUTO_MIN_ROWS
+from ._scheduler import Scheduler
+from ._secrets import redact_url
+from .errors import APIError, StructuredOutputError, Verdict
+from .providers import Call
+from .providers._batch import BatchPart, BatchStatus, LineResult
+
+__all__ = ["BATCH_TIMEOUT", "POLL_FIRST", "POLL_MAX", "ROUNDS", "BatchScheduler", "Records"]
+
+logger = logging.getLogger("parrot_pandas")
+
+# Seconds between looks at a batch: the first wait, then doubling up to the longest.
+POLL_FIRST = 5.0
+POLL_MAX = 60.0
+
+
+async def wait_between(seconds: float) -> None:
+    """The sleep between two looks at a batch (tests replace it with a fake clock's)."""
+    await asyncio.sleep(seconds)
+
+
+# Seconds at least for one request of a batch run (uploads and downloads are large).
+BATCH_TIMEOUT = 600.0
+# Hex digits of a custom id taken from the job's cache key (160 bits: no collisions).
+_STEM = 40
+# The batch metadata key (OpenAI, Azure) naming the part's digest: finds a batch whose create
+# response was lost to a crash.
+_DIGEST_KEY = "parrot_digest"
+# Batches a line may be in before its row goes live (the first, and one for what failed).
+ROUNDS = 2
+
+
+def _stem(key: str) -> str:
+    """A job's custom id (before any ``-s<i>`` sample suffix): short, stable, from its key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:_STEM]
+
+
+def resume_hint(ids: Sequence[str]) -> str:
+    """The message of a wait stopped by Ctrl-C: what goes on and how to resume."""
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return (
+        f"stopped waiting for batch(es) {shown or '(none yet)'}; they go on at the provider. "
+        "Re-run the same call to resume: it re-attaches to them (no second submission) and "
+        "reads their answers once they end. parrot_pandas.list_batches() shows them, "
+        "parrot_pandas.cancel_batches() cancels them."
+    )
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """One submitted (or being submitted) batch, as the cache database remembers it."""
+
+    provider: str
+    base_url: str
+    digest: str
+    batch_id: str | None
+    state: str
+    created: float
+    updated: float
+    model: str | None
+    custom_ids: tuple[str, ...]
+
+
+class Records:
+    """The ``batches`` table of a cache database: what was submitted, by the part's digest.
+
+    Every write commits at once (the point is to survive kill -9). Opening the cache
+    (:func:`~parrot_pandas._cache.open_cache`) has created the table.
+    """
+
+    def __init__(self, path: Any) -> None:
+        self._conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def find(self, provider: str, base_url: str, digest: str) -> Record | None:
+        row = self._conn.execute(
+            "SELECT * FROM batches WHERE provider = ? AND base_url = ? AND digest = ?",
+            (provider, base_url, digest),
+        ).fetchone()
+        return _record(row) if row is not None else None
+
+    def begin(self, provider: str, base_url: str, part: BatchPart, now: float) -> None:
+        """Written before the create request: a crash after it leaves a trace."""
+        self._conn.execute(
+            "INSERT OR REPLACE INTO batches (provider, base_url, digest, batch_id, state, "
+            "created, updated, model, custom_ids) VALUES (?, ?, ?, NULL, 'submitting', ?, ?, "
+            "?, ?)",
+            (provider, base_url, part.digest, now, now, part.model, json.dumps(part.custom_ids)),
+        )
+
+    def update(
+        self, provider: str, base_url: str, digest: str, state: str, now: float, batch_id=None
+    ) -> None:
+        self._conn.execute(
+            "UPDATE batches SET state = ?, updated = ?, batch_id = COALESCE(?, batch_id) "
+            "WHERE provider = ? AND base_url = ? AND digest = ?",
+            (state, now, batch_id, provider, base_url, digest),
+        )
+
+    def all(self) -> list[Record]:
+        rows = self._conn.execute("SELECT * FROM batches ORDER BY created").fetchall()
+        return [_record(row) for row in rows]
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    return Record(*row[:8], tuple(json.loads(row[8])))  # type: ignore[arg-type]
+
+
+def record_state(status: BatchStatus) -> str:
+    """A record's state: the batch's state, and how it ended."""
+    return f"ended:{status.outcome}" if status.ended else status.state
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Line:
+    custom_id: str
+    job: Job
+    want: int
+    call: Call
+
+
+class BatchScheduler(Scheduler):
+    """A :class:`~parrot_pandas._scheduler.Scheduler` whose rows go through batches.
+
+    Takes the scheduler's parameters (``client`` must be a
+    :class:`~parrot_pandas._batch.BatchClient`) and:
+
+    Parameters
+    ----------
+    wall : callable, default time.time
+        Unix time now: for ``batch_deadline`` and the records.
+    wait : coroutine function, default :func:`wait_between`
+        Sleeps between looks at a batch (a test passes one that moves a fake clock).
+    on_counts : callable, optional
+        Called with ``(done, total)`` requests of the batches being waited for.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        wall: Callable[[], float] = time.time,
+        wait: Callable[[float], Awaitable[Any]] | None = None,
+        on_counts: Callable[[int, int], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.client: BatchClient
+        self._wall = wall
+        self._wait = wait
+        self._on_counts = on_counts
+        self.batch_usage = Usage()
+        self.batch_ids: list[str] = []
+        self.resubmitted = 0
+        self.live_fallback = 0
+        self.cache_read = 0
+        self.cache_written = 0
+        self._waiting: list[str] = []
+        config = self.plan.config
+        self._provider_name = config.provider
+        self._base_url = redact_url(config.base_url)
+        deadline = config.batch_deadline
+        if isinstance(deadline, datetime.datetime):
+            self._deadline: float | None = (
+                deadline.timestamp()
+                if deadline.tzinfo is not None
+                else deadline.astimezone().timestamp()
+            )
+        elif isinstance(deadline, datetime.timedelta):
+            self._deadline = wall() + deadline.total_seconds()
+        elif deadline is not None:
+            self._deadline = wall() + float(deadline)
+        else:
+            self._deadline = None
+
+    async def run(  # type: ignore[override]
+        self,
+        prompts: Iterable[str | None],
+        rows: int,
+        *,
+        outcome: list[Job | None] | None = None,
+        room: Any = None,
+        dedupe_window: int | None = None,
+    ) -> list[Job | None]:
+        """Answer every prompt through batches; return each row's job, as ``Scheduler.run``.
+
+        Raises
+        ------
+        APIError
+            The provider rejected a batch (with its message), or a ``run`` verdict.
+        asyncio.CancelledError
+            Ctrl-C (the task cancelled) while waiting: the batches go on, and a warning
+            names them and says that re-running the call resumes.
+        """
+        self._emit(RunStarted(rows=rows, usage=self.usage))
+        outcome = [] if outcome is None else outcome
+        assert self.cache is not None, "batch=True needs the cache (checked in the config)"
+        records = Records(self.cache.path)
+        feed = Feed(
+            self.plan,
+            finish=lambda job: self._finish(job, cached=True),
+            fail=self._fail,
+            cache=self.cache,
+            emit=self._emit,
+            window=dedupe_window,
+        )
+        try:
+            jobs = list(feed.jobs(prompts, outcome))
+            if jobs:
+                await self._batches(jobs, feed, records)
+        finally:
+            self.cache.flush()
+            records.close()
+            self._emit(RunFinished(self.facts()))
+        return outcome
+
+    def facts(self) -> dict[str, Any]:
+        """The scheduler's facts, and the batches': ids, and tokens billed at batch price."""
+        facts = super().facts()
+        facts.update(
+            batch=True,
+            batches=len(self.batch_ids),
+            batch_ids=list(self.batch_ids),
+            batch_prompt_tokens=self.batch_usage.prompt_tokens,
+            batch_completion_tokens=self.batch_usage.completion_tokens,
+            resubmitted_lines=self.resubmitted,
+            live_fallback_rows=self.live_fallback,
+            batch_cached_prompt_tokens=self.cache_read,
+            batch_cache_creation_tokens=self.cache_written,
+        )
+        return facts
+
+    # -- rounds ------------------------------------------------------------------------------
+
+    async def _batches(self, jobs: list[Job], feed: Feed, records: Records) -> None:
+        lines = self._known(jobs, feed, records)
+        if lines is None:
+            # No batch of this call exists yet: one row goes live first, the scheduler's setup
+            # request (strategy, bad key or model found for one row's price; and a warm
+            # prompt cache for the batch, which reads nothing from a cold one).
+            rest = iter(jobs[1:])
+            await self._setup(jobs[0], rest)
+            # The live answer is durable before any batch is: a re-run after a crash then
+            # computes the same batch lines (without that row) and finds their record.
+            assert self.cache is not None
+            self.cache.flush()
+            jobs = [job for job in jobs if not job.done]
+            lines = self._lines(jobs, feed)
+        for round_ in range(1, ROUNDS + 1):
+            if not lines:
+                return
+            if round_ > 1:
+                self.resubmitted += len(lines)
+            retry = await self._round(lines, records)
+            lines = self._lines(retry, feed) if retry else []
+            if lines and (round_ == ROUNDS or self._past_deadline()):
+                break
+        if lines:
+            pending = list(dict.fromkeys(line.job for line in lines))
+            why = "batch_deadline has passed" if self._past_deadline() else "after two batches"
+            logger.info("%d row(s) still unanswered %s: sent live", len(pending), why)
+            self.live_fallback += sum(job.rows for job in pending)
+            await self._run_workers(iter(pending), [], None, workers=len(pending))
+
+    def _known(self, jobs: list[Job], feed: Feed, records: Records) -> list[_Line] | None:
+        """The lines of a batch this call already submitted, or ``None``.
+
+        An earlier run may have moved ``structured="auto"`` to a later strategy at its setup
+        request, so its lines are looked for with each strategy the run may use (the plan
+        takes the one found).
+        """
+        protocol = self.client.protocol
+        # Cheap first: a record naming one of these jobs (custom ids come from cache keys,
+        # whatever the strategy); most first runs stop here without encoding a line.
+        recorded = {
+            cid[:_STEM]
+            for record in records.all()
+            if record.provider == self._provider_name and record.base_url == self._base_url
+            for cid in record.custom_ids
+        }
+        if not any(_stem(job.key) in recorded for job in jobs):
+            return None
+        plans = [self.plan]
+        if self._probing and self.plan.strategy in STRUCTURED_STRATEGIES:
+            later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) + 1 :]
+            plans += [self.plan.with_strategy(strategy) for strategy in later]
+        first = self.plan
+        for plan in plans:
+            self.plan = plan
+            lines = self._lines(jobs, feed)
+            parts = protocol.parts([(line.custom_id, line.call) for line in lines])
+            if any(self._found(records, part) is not None for part in parts):
+                return lines
+        self.plan = first
+        return None
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and self._wall() >= self._deadline
+
+    def _lines(self, jobs: Iterable[Job], feed: Feed) -> list[_Line]:
+        lines: list[_Line] = []
+        plan = self.plan
+        for job in jobs:
+            if job.done or job.prompt is None:
+                continue
+            asks = feed.asks(job)
+            stem = _stem(job.key)
+            for i, want in enumerate(asks):
+                cid = stem if len(asks) == 1 else f"{stem}-s{i}"
+                lines.append(_Line(cid, job, want, plan.call(job.prompt, want)))
+        return lines
+
+    def _found(self, records: Records, part: BatchPart) -> Any:
+        return records.find(self._provider_name, self._base_url, part.digest)
+
+    async def _round(self, lines: list[_Line], records: Records) -> list[Job]:
+        """Submit (or re-attach to) every part of ``lines``, wait, keep the answers; return
+        the jobs with lines worth another try."""
+        protocol = self.client.protocol
+        by_id = {line.custom_id: line for line in lines}
+        parts = protocol.parts([(line.custom_id, line.call) for line in lines])
+        statuses = [await self._attach_or_submit(records, part) for part in parts]
+        ended = await self._wait_all(statuses, parts, records)
+        retry: dict[int, Job] = {}
+        for part, status in zip(parts, ended, strict=True):
+            calls = [(cid, by_id[cid].call) for cid in part.custom_ids]
+            results = await self.client.results(status, calls)
+            for cid, result in results.items():
+                line = by_id[cid]
+                if self._take(line, result):
+                    retry[id(line.job)] = line.job
+            records.update(
+                self._provider_name, self._base_url, part.digest, "collected", self._wall()
+            )
+        # A job whose lines all came back, none worth another try, is finished now (the
+        # lines of one job may sit in two parts: only now have all of them been read).
+        for line in lines:
+            job = line.job
+            if job.done or id(job) in retry:
+                continue
+            if len(job.samples) >= self._n:
+                self._finish(job, cached=False)
+            else:
+                self._end(job, StructuredOutputError("the batch returned fewer answers than n"))
+        return list(retry.values())
+
+    async def _attach_or_submit(self, records: Records, part: BatchPart) -> BatchStatus:
+        record = self._found(records, part)
+        batch_id = record.batch_id if record is not None else None
+        if record is not None and batch_id is None and record.state == "submitting":
+            # A crash between the create request and its record: the batch may exist.
+            batch_id = await self._orphan(part, record.created)
+        if batch_id is not None and record is not None and record.state != "ended:failed":
+            logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
+            status = await self._look(records, part, batch_id)
+        else:
+            records.begin(self._provider_name, self._base_url, part, self._wall())
+            try:
+                status = await self.client.submit(part, metadata={_DIGEST_KEY: part.digest[:64]})
+            except APIError as exc:
+                raise _batch_refused(exc) from None
+            logger.info("submitted batch %s (%d requests)", status.id, len(part))
+        records.update(
+            self._provider_name,
+            self._base_url,
+            part.digest,
+            record_state(status),
+            self._wall(),
+            batch_id=status.id,
+        )
+        if status.id not in self.batch_ids:
+            self.batch_ids.append(status.id)
+        return status
+
+    async def _orphan(self, part: BatchPart, since: float) -> str | None:
+        """The id of a batch created for ``part`` whose create response never reached its
+        record: OpenAI and Azure keep the digest in the batch's metadata (Anthropic keeps
+        none, so there the part is submitted again)."""
+        protocol = self.client.protocol
+        if protocol.name == "anthropic":
+            return None
+        wanted = part.digest[:64]
+        after = None
+        while True:
+            body = await self.client.call(protocol.list_request(after, 100))
+            data = body.get("data") if isinstance(body, dict) else None
+            for item in data or ():
+                metadata = item.get("metadata") if isinstance(item, dict) else None
+                if isinstance(metadata, dict) and metadata.get(_DIGEST_KEY) == wanted:
+                    return str(item.get("id"))
+            statuses, after = protocol.read_list(body)
+            # Newest first: a page that reaches back before the record was written is the last.
+            if after is None or any((s.created_at or since) < since - 60 for s in statuses):
+                return None
+
+    async def _wait_all(
+        self, statuses: list[BatchStatus], parts: list[BatchPart], records: Records
+    ) -> list[BatchStatus]:
+        delay = POLL_FIRST
+        self._waiting = [s.id for s in statuses]
+        try:
+            while True:
+                self._report(statuses)
+                if all(s.ended for s in statuses):
+                    return statuses
+                # wait_between is looked up now, so a test can put a fake clock's sleep there.
+                await (self._wait or wait_between)(delay)
+                delay = min(delay * 2, POLL_MAX)
+                for i, status in enumerate(statuses):
+                    if not status.ended:
+                        statuses[i] = await self._look(records, parts[i], status.id)
+        except asyncio.CancelledError:
+            logger.warning("%s", resume_hint(self._waiting))
+            raise
+
+    async def _look(self, records: Records, part: BatchPart, batch_id: str) -> BatchStatus:
+        """The batch now, its record updated; a batch the provider rejected fails the call
+        (its record says so, and a re-run submits the part again)."""
+        try:
+            status = await self.client.retrieve(batch_id)
+        except APIError as exc:
+            if exc.verdict.reason == "batch_rejected":
+                records.update(
+                    self._provider_name, self._base_url, part.digest, "ended:failed", self._wall()
+                )
+            raise
+        records.update(
+            self._provider_name, self._base_url, part.digest, record_state(status), self._wall()
+        )
+        return status
+
+    def _report(self, statuses: list[BatchStatus]) -> None:
+        if self._on_counts is not None:
+            done = sum(s.total if s.ended else s.done for s in statuses)
+            self._on_counts(done, sum(s.total for s in statuses))
+
+    def _take(self, line: _Line, result: LineResult) -> bool:
+        """Keep one line's answer as a live one would be kept; ``True`` when it is worth
+        another try."""
+        job = line.job
+        if job.done:
+            return False
+        self.usage.requests += 1
+        problem: Exception | None = result.error
+        if result.completion is not None:
+            completion = result.completion
+            for usage in (self.usage, self.batch_usage):
+                usage.prompt_tokens += completion.prompt_tokens
+                usage.completion_tokens += completion.completion_tokens
+            self.cache_read += result.cache.read
+            self.cache_written += result.cache.written
+            answers, unusable, judged = self._judge(completion, line.want)
+            if answers:
+                self._keep(job, answers)
+            if unusable:
+                self._keep_unusable(job, unusable)
+            worth = judged is not None and (not answers or not judged.verdict.retry)
+            problem = judged if worth else None
+        if problem is None:
+            return False
+        verdict = getattr(problem, "verdict", None) or Verdict("row", False, "unknown")
+        if verdict.retry:
+            return True
+        self._end(job, problem)
+        return False
+
+
+def _batch_refused(exc: APIError) -> APIError:
+    # A plain OpenAI-compatible server without the Batch endpoints answers 404: say so.
+    if exc.status == 404:
+        exc.message = (
+            f"{exc.message.rstrip('.')}. The server has no Batch API (its Files/Batches "
+            "endpoints answered 404); pass batch=False to send the rows live."
+        )
+        exc.args = (exc.message,)
+        exc.verdict = Verdict("run", False, "no_batch_api")
+    return exc
+
+
+# -- cost and progress -----------------------------------------------------------------------
+
+
+def run_cost(model: str, provider: str, facts: dict[str, Any]) -> float | None:
+    """USD for a run's facts: live tokens at the live price, batch tokens at the batch price,
+    prompt-cache reads and writes at their prices (:func:`~._pricing.cache_price_factors`)."""
+    batch_prompt = facts.get("batch_prompt_tokens", 0)
+    batch_completion = facts.get("batch_completion_tokens", 0)
+    live = cost(
+        model, facts["prompt_tokens"] - batch_prompt, facts["completion_tokens"] - batch_completion
+    )
+    batch = batch_cost(model, batch_prompt, batch_completion)
+    price = price_of(model)
+    if live is None or batch is None or price is None:
+        return None
+    read_factor, write_factor = cache_price_factors(provider)
+    batch_read = facts.get("batch_cached_prompt_tokens", 0)
+    batch_written = facts.get("batch_cache_creation_tokens", 0)
+    live_read = facts.get("cached_prompt_tokens", 0) - batch_read
+    live_written = facts.get("cache_creation_tokens", 0) - batch_written
+    # Cached tokens are part of the prompt tokens above, billed at the full input price.
+    per_token = price.input / 1_000_000
+    adjust = (live_read + batch_read * BATCH_DISCOUNT) * (read_factor - 1) + (
+        live_written + batch_written * BATCH_DISCOUNT
+    ) * (write_factor - 1)
+    return live + batch + adjust * per_token
+
+
+class BatchBar:
+    """A ``tqdm.auto`` bar of a batch's requests while waiting; ``progress=None`` shows it
+    for runs of 50 rows or more, as the row bar."""
+
+    def __init__(self, setting: bool | None, rows: int) -> None:
+        self._on = setting if setting is not None else rows >= _AUTO_MIN_ROWS
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._on or not total:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, unit="request", desc="batch", file=sys.stderr)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# -- estimate ---------------------------------------------------------------------------------
+
+
+def with_batch_figures(estimate: Any, rpm: float | None) -> Any:
+    """``estimate`` (the Series of :func:`~._estimate.estimate`) with the batch figures, and
+    ``estimate.attrs["modes"]``: live, live packed, batch and batch packed side by side.
+
+    A batch run sends its first row live (the setup request), the rest at the batch price.
+    """
+    model = estimate["model"]
+    rows = max(estimate["rows"] - estimate["skipped_rows"] - estimate["cached_rows"], 0)
+    modes: dict[str, dict[str, Any]] = {}
+
+    def mode(name: str, requests: int, prompt: int, completion: int | None) -> None:
+        one_live = 1 if requests else 0
+        share = one_live / requests if requests else 0.0
+        live = cost(model, prompt, completion)
+        price = None
+        if live is not None:
+            price = live if not name.startswith("batch") else live * (share + (1 - share) / 2)
+        seconds: Any = None
+        if name.startswith("batch"):
+            seconds = "within 24 h"
+        elif rpm:
+            seconds = round(requests / rpm * 60, 1)
+        modes[name] = {
+            "requests": requests,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost": price,
+            "expected_seconds": seconds,
+        }
+
+    for prefix, key in (("", ""), ("packed_", " packed")):
+        if f"{prefix}requests" not in estimate:
+            continue
+        requests = estimate[f"{prefix}requests"]
+        prompt, completion = (
+            estimate[f"{prefix}prompt_tokens"],
+            estimate[f"{prefix}completion_tokens"],
+        )
+        mode(f"live{key}", requests, prompt, completion)
+        mode(f"batch{key}", requests, prompt, completion)
+    out = estimate.copy()
+    out["batch_cost"] = modes["batch"]["cost"]
+    if "batch packed" in modes:
+        out["batch_packed_cost"] = modes["batch packed"]["cost"]
+    order = [m for m in ("live", "live packed", "batch", "batch packed") if m in modes]
+    out.attrs["modes"] = pd.DataFrame([modes[m] for m in order], index=pd.Index(order, name="mode"))
+    out.attrs["modes"].attrs["rows_to_send"] = rows
+    return out

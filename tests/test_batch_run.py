@@ -1,0 +1,491 @@
+"""batch=True end to end against the local test server's Batch endpoints (issue 14)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pandas as pd
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+import parrot_pandas  # noqa: F401  (registers df.llm)
+from parrot_pandas import APIError, ConfigurationError, _batch_run
+from parrot_pandas.providers._batch import BatchLimits
+from parrot_pandas.providers._openai_batch import OpenAIBatch
+from parrot_pandas.testing import FakeServer
+from parrot_pandas.testing._batches import FakeBatches
+
+KEY = "sk-batch-run-0123456789"
+Factory = Callable[..., FakeServer]
+
+
+@pytest.fixture
+def srv(server_factory: Factory) -> FakeServer:
+    return server_factory(api_key=KEY)
+
+
+@pytest.fixture
+def batches(srv: FakeServer, monkeypatch: pytest.MonkeyPatch) -> FakeBatches:
+    """The server's batches, and a wait between looks that moves their clock, not ours."""
+    fake = FakeBatches.of(srv.app)
+    waits: list[float] = []
+
+    async def wait(seconds: float) -> None:
+        waits.append(seconds)
+        fake.advance(seconds)
+
+    monkeypatch.setattr(_batch_run, "wait_between", wait)
+    fake.waits = waits  # type: ignore[attr-defined]
+    return fake
+
+
+def frame(n: int = 6, *, extra: dict[int, str] | None = None) -> pd.DataFrame:
+    texts = [f"name=N{i}, year={1900 + i}" + (extra or {}).get(i, "") for i in range(n)]
+    return pd.DataFrame({"text": texts}, index=pd.Index([f"r{i}" for i in range(n)], name="id"))
+
+
+def extract(df: pd.DataFrame, srv: FakeServer, **options):
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", **options}
+    return df.llm.extract("${text}", {"name": str, "year": int}, **options)
+
+
+def test_a_clean_batch_gives_the_live_frame_at_half_price(srv, batches, tmp_path):
+    df = frame()
+    batched = extract(df, srv, batch=True, cache=str(tmp_path / "b.sqlite3"))
+    live = extract(df, srv, cache=str(tmp_path / "l.sqlite3"))
+    pd.testing.assert_frame_equal(batched, live)
+    facts = batched.attrs["llm"]
+    assert facts["batches"] == 1 and facts["batch_ids"] == batches.batch_ids()
+    assert batches.stats()["batches"] == 1
+    assert facts["batch_prompt_tokens"] > 0
+    live_facts = live.attrs["llm"]
+    assert facts["prompt_tokens"] == live_facts["prompt_tokens"]
+    assert facts["cost"] < live_facts["cost"]
+
+
+def test_failed_lines_go_into_one_more_batch(srv, batches, tmp_path):
+    df = frame(extra={3: ", note=BATCH_FAIL"})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert "llm_error" not in out  # no row failed
+    assert out.loc["r3", "name"] == "N3"
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and facts["batches"] == 2
+    assert facts["resubmitted_lines"] == 1 and facts["live_fallback_rows"] == 0
+
+
+def test_lines_failing_in_every_batch_go_live(srv, batches, tmp_path):
+    batches.fail_times = 5
+    df = frame(extra={2: ", note=BATCH_FAIL"})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert out.loc["r2", "year"] == 1902
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and facts["live_fallback_rows"] == 1
+
+
+def test_an_expired_batch_resubmits_what_did_not_run(srv, batches, tmp_path):
+    batches.window = 600
+    df = frame(extra={4: ", note=BATCH_EXPIRE"})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert out.loc["r4", "name"] == "N4"
+    assert batches.stats()["batches"] == 2
+    # Polled with backoff: doubling from 5 s to at most 60 s, never a busy loop.
+    waits = batches.waits
+    assert waits[:4] == [5.0, 10.0, 20.0, 40.0] and max(waits) == 60.0
+
+
+def test_past_the_deadline_failed_lines_go_live_not_into_another_batch(srv, batches, tmp_path):
+    batches.window = 600
+    df = frame(extra={4: ", note=BATCH_EXPIRE"})
+    past = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+    out = extract(df, srv, batch=True, batch_deadline=past, cache=str(tmp_path / "c.sqlite3"))
+    assert out.loc["r4", "name"] == "N4"
+    assert batches.stats()["batches"] == 1 and out.attrs["llm"]["live_fallback_rows"] == 1
+
+
+def test_a_batch_split_by_the_providers_limits(srv, batches, tmp_path, monkeypatch):
+    batches.max_requests = 2  # the server refuses bigger batches
+    monkeypatch.setattr(OpenAIBatch, "limits", BatchLimits(2, 10**6))
+    df = frame(7)
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == [f"N{i}" for i in range(7)]
+    assert batches.stats()["batches"] == 3  # 6 lines after the live setup row, 2 a batch
+
+
+def test_rows_already_cached_are_not_submitted(srv, batches, tmp_path):
+    cache = str(tmp_path / "c.sqlite3")
+    extract(frame(3), srv, cache=cache)  # rows 0-2 live
+    out = extract(frame(6), srv, batch=True, cache=cache)
+    assert out.attrs["llm"]["cached_rows"] == 3
+    # Row 3 went live as the setup request; rows 4 and 5 were the only lines.
+    assert batches.stats()["lines"] == 2
+    again = extract(frame(6), srv, cache=cache)  # a live re-run pays nothing
+    assert again.attrs["llm"]["requests"] == 0
+
+
+def test_identical_rows_are_one_line(srv, batches, tmp_path):
+    df = pd.DataFrame({"text": ["name=A, year=1", "name=B, year=2"] * 3})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == ["A", "B"] * 3
+    assert batches.stats()["lines"] == 1  # A went live; B once
+
+
+def test_a_rejected_batch_fails_the_call_with_the_providers_message(srv, batches, tmp_path):
+    batches.max_requests = 2  # but the client believes the documented 50,000
+    with pytest.raises(APIError, match="rejected batch") as info:
+        extract(frame(6), srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert KEY not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"batch": "yes"}, "batch must be True"),
+        ({"batch_deadline": 60}, "only applies to batch=True"),
+        ({"batch": True, "batch_deadline": -1}, "batch_deadline must be"),
+        ({"batch": True, "batch_deadline": datetime.timedelta(0)}, "batch_deadline must be"),
+        ({"batch": True, "cache": False}, "pass cache=True"),
+    ],
+)
+def test_batch_settings_are_checked_before_any_request(srv, batches, options, match):
+    with pytest.raises(ConfigurationError, match=match):
+        extract(frame(2), srv, **options)
+    assert batches.stats()["files"] == 0 and srv.stats()["requests"] == 0
+
+
+_CHILD = """
+import sys
+import pandas as pd
+import parrot_pandas
+url, cache, key = sys.argv[1:4]
+texts = [f"name=N{i}, year={1900 + i}" for i in range(6)]
+pd.DataFrame({"text": texts}).llm.extract(
+    "${text}", {"name": str, "year": int}, api_key=key, base_url=url, model="gpt-4o-mini",
+    batch=True, cache=cache, progress=False,
+)
+"""
+
+
+def _recorded_batch_id(cache: pathlib.Path) -> str | None:
+    if not cache.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(cache, timeout=1)) as conn:
+            row = conn.execute("SELECT batch_id FROM batches WHERE batch_id IS NOT NULL").fetchone()
+    except sqlite3.OperationalError:  # not migrated yet
+        return None
+    return row[0] if row else None
+
+
+def test_kill_9_while_waiting_then_a_rerun_reattaches_without_submitting_again(
+    srv, batches, tmp_path
+):
+    batches.step = 10**6  # the batch will not move while the child waits
+    cache = tmp_path / "c.sqlite3"
+    _submit_then_kill(srv, cache)
+    submitted = batches.batch_ids()
+    assert len(submitted) == 1 and _recorded_batch_id(cache) == submitted[0]
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1  # re-attached, never submitted again
+    assert out.attrs["llm"]["batch_ids"] == submitted
+    assert out.attrs["llm"]["cached_rows"] == 1  # the setup row, answered live before the kill
+    # A live re-run pays nothing: every answer landed in the per-row cache.
+    assert extract(frame(6), srv, cache=str(cache)).attrs["llm"]["requests"] == 0
+
+
+async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
+    srv, batches, tmp_path, monkeypatch, caplog
+):
+    batches.step = 10**6
+    waiting = asyncio.Event()
+
+    async def wait(seconds: float) -> None:
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(_batch_run, "wait_between", wait)
+    cache = str(tmp_path / "c.sqlite3")
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", "cache": cache}
+    task = asyncio.ensure_future(
+        frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options)
+    )
+    await asyncio.wait_for(waiting.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (batch_id,) = batches.batch_ids()
+    assert "Re-run the same call to resume" in caplog.text and batch_id in caplog.text
+    assert batches.stats()["cancels"] == 0  # the batch goes on
+    batches.step = 0
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = await frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options)
+    assert out.attrs["llm"]["batch_ids"] == [batch_id] and batches.stats()["batches"] == 1
+
+
+def test_outstanding_batches_are_listed_refreshed_and_cancelled(srv, batches, tmp_path):
+    cache = tmp_path / "c.sqlite3"
+    batches.step = 10**6
+    _submit_then_kill(srv, cache)
+    (batch_id,) = batches.batch_ids()
+    listed = parrot_pandas.list_batches(cache)
+    assert list(listed["batch_id"]) == [batch_id]
+    assert listed.loc[0, "requests"] == 5 and listed.loc[0, "provider"] == "openai"
+    fresh = parrot_pandas.list_batches(cache, refresh=True, api_key=KEY)
+    assert fresh.loc[0, "state"] == "validating"
+    with pytest.raises(ConfigurationError, match="not among this project's"):
+        parrot_pandas.cancel_batches(["batch_nope"], cache, api_key=KEY)
+    cancelled = parrot_pandas.cancel_batches(cache=cache, api_key=KEY)
+    assert list(cancelled["batch_id"]) == [batch_id]
+    assert cancelled.loc[0, "state"] in ("cancelling", "ended:cancelled")
+    assert batches.stats()["cancels"] == 1
+    # After the cancel the provider has ended it; a re-run reads it and sends the rest again.
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["year"]) == [1900 + i for i in range(6)]
+    assert parrot_pandas.list_batches(cache).empty
+
+
+# -- prompt caching, live and in a batch ------------------------------------------------------
+
+SYSTEM = "You read short records and pull out the fields asked for. " * 40
+
+
+def test_live_answers_report_prompt_cache_reads_into_attrs_and_cost(srv, batches, tmp_path):
+    batches.cache_min_tokens = 50
+    df = frame(4)
+    opts = {"system": SYSTEM, "max_concurrency": 1, "cache": str(tmp_path / "c.sqlite3")}
+    out = extract(df, srv, **opts)
+    facts = out.attrs["llm"]
+    assert facts["cached_prompt_tokens"] > 0  # rows 2-4 read the prefix row 1 wrote
+    assert facts["cache_creation_tokens"] == 0  # OpenAI does not bill writes
+    full = parrot_pandas.price_of("gpt-4o-mini").cost(
+        facts["prompt_tokens"], facts["completion_tokens"]
+    )
+    assert facts["cost"] == pytest.approx(full - facts["cached_prompt_tokens"] * 0.5 * 0.15 / 1e6)
+
+
+def test_an_anthropic_batch_reads_the_cache_its_live_setup_request_warmed(srv, batches, tmp_path):
+    batches.cache_min_tokens = 50
+    long_system = SYSTEM * 3  # past Anthropic's 1,024-token minimum, so cache_control is set
+    out = frame(5).llm.extract(
+        "${text}",
+        {"name": str, "year": int},
+        api_key=KEY,
+        provider="anthropic",
+        base_url=srv.origin,
+        model="claude-sonnet-4-5",
+        system=long_system,
+        batch=True,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    assert list(out["name"]) == [f"N{i}" for i in range(5)]
+    facts = out.attrs["llm"]
+    assert facts["batches"] == 1 and batches.stats()["lines"] == 4
+    assert batches.stats()["cache_reads"] == 4  # each line read the warm prefix
+    assert facts["cache_creation_tokens"] > 0  # the live setup request wrote the prefix
+    # Every line of the batch read it: a cold batch would have read nothing.
+    assert facts["batch_cached_prompt_tokens"] > 0
+    assert facts["cached_prompt_tokens"] == facts["batch_cached_prompt_tokens"]
+
+
+# -- every protocol, samples, streaming --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "lines"),
+    [("openai", 4), ("azure", 4), ("anthropic", 8)],  # Anthropic has no n: a line per sample
+)
+def test_n_samples_per_row_on_every_protocol(srv, batches, tmp_path, provider, lines):
+    options = {"api_key": KEY, "model": "gpt-4o-mini", "cache": str(tmp_path / "c.sqlite3")}
+    if provider == "openai":
+        options["base_url"] = srv.url
+    else:
+        options.update(provider=provider, base_url=srv.origin)
+        if provider == "azure":
+            options["api_version"] = "2024-10-21"
+    df = frame(5)
+    out = df.llm.generate("${text}", output="said", n=2, batch=True, **options)
+    assert len(out) == 10 and out.index.tolist() == [f"r{i}" for i in range(5) for _ in (0, 1)]
+    assert out["said"].notna().all()
+    assert batches.stats()["lines"] == lines and out.attrs["llm"]["batches"] == 1
+    live = df.llm.generate("${text}", output="said", n=2, **options)
+    assert live.attrs["llm"]["requests"] == 0  # every sample landed in the per-row cache
+
+
+def test_chunks_of_a_batch_run_are_the_batch_frame(srv, batches, tmp_path):
+    df = frame(6)
+    chunks = list(extract(df, srv, batch=True, cache=str(tmp_path / "a.sqlite3"), chunksize=4))
+    assert [len(c) for c in chunks] == [4, 2] and batches.stats()["batches"] == 1
+    whole = extract(df, srv, batch=True, cache=str(tmp_path / "b.sqlite3"))
+    pd.testing.assert_frame_equal(pd.concat(chunks).drop(columns="llm_error"), whole)
+
+
+def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
+    df = frame(11)
+    est = df.llm.estimate(
+        "${text}",
+        fields={"name": str, "year": int},
+        max_tokens=50,
+        rpm=60,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    modes = est.attrs["modes"]
+    assert list(modes.index) == ["live", "batch"]
+    live, batch = modes.loc["live"], modes.loc["batch"]
+    assert live["requests"] == batch["requests"] == 11
+    assert live["expected_seconds"] == 11.0 and batch["expected_seconds"] == "within 24 h"
+    # One setup row live, ten at half price.
+    assert batch["cost"] == pytest.approx(live["cost"] * (1 + 10 / 2) / 11)
+    assert est["batch_cost"] == batch["cost"]
+
+
+async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
+    # A plain OpenAI-compatible server (llama.cpp, vLLM): chat answers, /files is a 404.
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with TestServer(app, host="127.0.0.1") as plain:
+        with pytest.raises(APIError, match=r"no Batch API.*pass batch=False"):
+            await frame(3).llm.agenerate(
+                "${text}",
+                output="said",
+                api_key=KEY,
+                base_url=str(plain.make_url("/v1")),
+                batch=True,
+                cache=str(tmp_path / "c.sqlite3"),
+            )
+
+
+def _submit_then_kill(srv: FakeServer, cache: pathlib.Path) -> None:
+    """A real child process submits the batch of frame(6), and is killed -9 while waiting."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_batch_id(cache) is None:
+            assert child.poll() is None, "the child ended before submitting"
+            assert time.monotonic() < deadline, "the child never recorded its batch"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def test_a_crash_before_the_batch_id_was_recorded_finds_the_batch_by_its_metadata(
+    srv, batches, tmp_path
+):
+    batches.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    _submit_then_kill(srv, cache)
+    # As if the process had died after the create request, before its answer was recorded.
+    with contextlib.closing(sqlite3.connect(cache)) as conn, conn:
+        conn.execute("UPDATE batches SET batch_id = NULL, state = 'submitting'")
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1 and out.attrs["llm"]["batch_ids"] == batches.batch_ids()
+
+
+@pytest.mark.parametrize("marker", ["LONGME", "FILTERME", "CUTME"])
+def test_a_line_that_fails_for_good_fails_its_row_without_another_batch(
+    server_factory, monkeypatch, tmp_path, marker
+):
+    srv = server_factory(
+        api_key=KEY,
+        faults={"LONGME": "context_length", "FILTERME": "content_filter", "CUTME": "truncate"},
+    )
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = extract(
+        frame(5, extra={3: f", note={marker}"}),
+        srv,
+        batch=True,
+        errors="coerce",
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    assert out["llm_error"].notna().tolist() == [False, False, False, True, False]
+    assert out.loc[["r0", "r1", "r2", "r4"], "name"].tolist() == ["N0", "N1", "N2", "N4"]
+    facts = out.attrs["llm"]
+    # Judged as a live answer is: failed for good, so neither resubmitted nor sent live.
+    assert FakeBatches.of(srv.app).stats()["batches"] == 1
+    assert facts["resubmitted_lines"] == 0 and facts["live_fallback_rows"] == 0
+    assert facts["failed_rows"] == 1
+
+
+def test_ctrl_c_in_a_script_says_how_to_resume_and_the_batch_goes_on(srv, batches, tmp_path):
+    batches.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    # As a script started from a terminal: Ctrl-C neither ignored nor blocked (a child
+    # inherits both from this process, which other tests' libraries may have changed). A
+    # child still alive after 45 s prints every thread's stack, so a hang shows where.
+    script = (
+        "import faulthandler, signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "faulthandler.dump_traceback_later(45, exit=True)\n" + _CHILD
+    )
+    inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, srv.url, str(cache), KEY],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_batch_id(cache) is None:
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert "KeyboardInterrupt" in stderr, (inherited, stderr)
+    assert "Re-run the same call to resume" in stderr and batches.batch_ids()[0] in stderr
+    assert KEY not in stderr
+    assert batches.stats()["cancels"] == 0
+
+
+def test_a_rerun_finds_a_batch_whose_lines_used_the_fallen_back_strategy(
+    server_factory, monkeypatch, tmp_path
+):
+    # The first run's setup request moved structured="auto" from tools to json_schema, so its
+    # batch lines carry json_schema; a re-run must find that batch, not submit another.
+    srv = server_factory(api_key=KEY, supports_tools=False)
+    fake = FakeBatches.of(srv.app)
+    fake.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    _submit_then_kill(srv, cache)
+    fake.step = 0
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = extract(frame(6), srv, batch=True, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert fake.stats()["batches"] == 1 and out.attrs["llm"]["strategy"] == "json_schema"
