@@ -248,12 +248,16 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.scenario == 3:
         rows = sizes["token_rows"]
-        texts = documents(rows, TOKEN_PROMPT_CHARS, seed=3)
+        # The long document goes in the system message and a short question per row in the
+        # user message: the prompt is what binds the token budget, and the echo model's answer
+        # (the last user message) fits max_tokens, as a truncated answer is now a row error.
+        (document,) = documents(1, TOKEN_PROMPT_CHARS, seed=3)
+        texts = [f"Question {i}" for i in range(rows)]
         df = pd.DataFrame({"text": texts})
-        charged = sum(server_tokens(t) + TOKEN_MAX_TOKENS for t in texts)
+        charged = sum(server_tokens(document) + server_tokens(t) + TOKEN_MAX_TOKENS for t in texts)
 
         def run() -> Any:
-            return _generate(df, url, cache=False, max_tokens=TOKEN_MAX_TOKENS)
+            return _generate(df, url, cache=False, max_tokens=TOKEN_MAX_TOKENS, system=document)
 
         out, cpu, wall = _measured(run, args.profile)
         result.update(rows=rows, charged_tokens=charged, cpu=cpu, wall=wall, **_facts(out))
