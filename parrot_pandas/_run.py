@@ -64,7 +64,14 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Run:
-    """A validated run over one frame, ready to execute on the caller's event loop."""
+    """A validated run over one frame, ready to execute on the caller's event loop.
+
+    A run holds what the caller asked for: ``plan`` is the plan a run *starts* with (and the
+    one an estimate counts), never updated. With ``structured="auto"`` the scheduler may fall
+    back to another strategy at the setup request; the strategy a run ended with is only
+    reported from the scheduler, as ``out.attrs["llm"]["strategy"]``. ``fields`` are the
+    output columns, ``generate``'s one text column included (its plan has no fields).
+    """
 
     frame: pd.DataFrame
     template: PromptTemplate

@@ -77,7 +77,8 @@ class APIError(ParrotError):
     code : str, optional
         The provider's machine-readable error code (``"invalid_api_key"``, ...).
     retry_after : float, optional
-        Seconds the server asked us to wait before the next request.
+        Seconds the server asked us to wait before the next request, for an error built
+        without response headers; once :attr:`limits` is set, they are the one source.
     """
 
     def __init__(
@@ -93,11 +94,18 @@ class APIError(ParrotError):
         self.message = message
         self.status = status
         self.code = code
-        self.retry_after = retry_after
+        self._retry_after = retry_after
         # The provider's judgement; a bare APIError falls back to the shared status rules.
         self.verdict = verdict if verdict is not None else _status_verdict(status)
         # What the response's headers said about the rate limits (a LimitInfo), set by the client.
         self.limits: Any = None
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asked us to wait, as parsed once into :attr:`limits`."""
+        if self.limits is not None:
+            return self.limits.retry_after
+        return self._retry_after
 
     @property
     def retryable(self) -> bool:

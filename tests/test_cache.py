@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -38,28 +39,19 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 POSIX_ONLY = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX-only")
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def path(tmp_path: pathlib.Path) -> pathlib.Path:
     return tmp_path / "sub" / "responses.sqlite3"
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock(fake_clock: Any) -> Any:
+    # The shared virtual clock (conftest); these tests only read it and move it by hand.
+    return fake_clock
 
 
 @pytest.fixture
-def cache(path: pathlib.Path, clock: FakeClock):
+def cache(path: pathlib.Path, clock: Any):
     # A long interval and a fake clock: nothing is written unless the test says so.
     with ResponseCache(path, flush_interval=3600, flush_size=1000, clock=clock) as opened:
         yield opened

@@ -19,16 +19,8 @@ from parrot_pandas._events import (
 )
 
 
-class FakeClock:
-    def __init__(self, t: float = 500.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_a_fresh_run_has_every_fact_at_zero():
-    stats = RunStats(clock=FakeClock())
+def test_a_fresh_run_has_every_fact_at_zero(fake_clock):
+    stats = RunStats(clock=fake_clock)
     assert stats.facts == {
         "rows": 0,
         "done_rows": 0,
@@ -43,8 +35,8 @@ def test_a_fresh_run_has_every_fact_at_zero():
     }
 
 
-def test_a_run_is_counted():
-    clock = FakeClock()
+def test_a_run_is_counted(fake_clock):
+    clock = fake_clock
     stats = RunStats(clock=clock)
     # The scheduler counts what requests cost in place; RunStats reads it through RunStarted.
     usage = Usage()
@@ -60,9 +52,9 @@ def test_a_run_is_counted():
         RowsSkipped(rows=1),
     ]
     for event in events:
-        clock.t += 0.1
+        clock.advance(0.1)
         stats(event)
-    clock.t += 0.1
+    clock.advance(0.1)
     stats(RunFinished({"model": "m", "concurrency": 8}))
     assert stats.facts == {
         "rows": 10,
@@ -80,23 +72,24 @@ def test_a_run_is_counted():
     }
 
 
-def test_elapsed_follows_the_injected_clock_rounded_to_milliseconds():
-    clock = FakeClock(100.0)
+def test_elapsed_follows_the_injected_clock_rounded_to_milliseconds(fake_clock):
+    clock = fake_clock
+    clock.now = 100.0
     stats = RunStats(clock=clock)
-    clock.t = 102.34567
+    clock.now = 102.34567
     stats(RowsSkipped(rows=1))
     assert stats.facts["elapsed"] == 2.346
 
 
-def test_rows_started_is_set_not_added():
-    stats = RunStats(clock=FakeClock())
+def test_rows_started_is_set_not_added(fake_clock):
+    stats = RunStats(clock=fake_clock)
     stats(RunStarted(rows=4))
     stats(RunStarted(rows=7))
     assert stats.facts["rows"] == 7
 
 
-def test_unknown_events_only_move_the_clock():
-    clock = FakeClock()
+def test_unknown_events_only_move_the_clock(fake_clock):
+    clock = fake_clock
     stats = RunStats(clock=clock)
 
     @dataclasses.dataclass(frozen=True)
@@ -104,7 +97,7 @@ def test_unknown_events_only_move_the_clock():
         value: int = 1
 
     before = dict(stats.facts)
-    clock.t += 1.0
+    clock.advance(1.0)
     stats(Custom())
     assert {k: v for k, v in stats.facts.items() if k != "elapsed"} == {
         k: v for k, v in before.items() if k != "elapsed"

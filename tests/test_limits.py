@@ -540,3 +540,22 @@ def test_snapshot():
 def test_budget_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         RateBudget(**kwargs)
+
+
+def test_api_error_reads_retry_after_from_its_limits_only():
+    # Issue 12: retry-after was stored on the error and on its limits; the limits are the one
+    # source, so a later correction of the limits is what every reader sees.
+    from parrot_pandas.errors import APIError, Verdict
+    from parrot_pandas.providers.base import ErrorBody, api_error
+
+    error = api_error(
+        429,
+        ErrorBody(message="slow down"),
+        Verdict("row", True, "rate_limited"),
+        LimitInfo(retry_after=2.0),
+    )
+    assert error.retry_after == 2.0
+    error.limits = LimitInfo(retry_after=5.0)
+    assert error.retry_after == 5.0
+    # An error built without headers keeps the value it was given.
+    assert APIError("x", status=503, retry_after=1.5).retry_after == 1.5

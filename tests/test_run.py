@@ -165,6 +165,29 @@ async def test_execute_raises_with_the_partial_result_or_coerces(server_factory)
     assert out.attrs["llm"]["failed_rows"] == 1
 
 
+async def test_after_a_fallback_nothing_reports_the_first_strategy(docs, server_factory, caplog):
+    # Issue 12: the scheduler moves its plan on a fallback; Run.plan is only where the run
+    # started, and every report of the run (frame, events, summary) names where it ended.
+    server = server_factory(supports_tools=False)
+    options = {"base_url": server.url, "cache": False}
+    run = prepare(docs, _spec("${text}", fields={"name": str}, options=options))
+    assert run.plan.strategy == "tools"
+    events: list[Event] = []
+    with caplog.at_level("INFO", logger="parrot_pandas"):
+        out = await run.execute(listeners=[events.append])
+    assert out.attrs["llm"]["strategy"] == "json_schema"
+    finished = [e.facts for e in events if isinstance(e, RunFinished) and "strategy" in e.facts]
+    assert [facts["strategy"] for facts in finished] == ["json_schema"]
+    summary = [r.getMessage() for r in caplog.records if "strategy " in r.getMessage()]
+    assert summary and all("strategy json_schema" in line for line in summary)
+    assert not any("strategy tools" in line for line in summary)
+    assert run.plan.strategy == "tools"  # the frozen starting point, not a report
+    parts = [part async for part in run.chunks(2)]
+    # A chunk built before the run's facts are in carries no strategy (timing decides which
+    # chunks do); none may name the strategy the run left.
+    assert {part.attrs["llm"].get("strategy") for part in parts} <= {None, "json_schema"}
+
+
 async def test_chunks_stream_the_frame_in_order_with_one_schema(server):
     frame = pd.DataFrame({"t": [f"row {i}" for i in range(10)]}, index=range(100, 110))
     run = prepare(frame, _spec("${t}", output="o", options={"base_url": server.url}))

@@ -185,9 +185,9 @@ def api_error(
         fault.message or f"the server answered HTTP {status} with no error message",
         status=status,
         code=fault.code,
-        retry_after=limits.retry_after,
         verdict=verdict,
     )
+    # The limits hold the retry-after, parsed once; error.retry_after reads it from there.
     error.limits = limits
     return error
 
