@@ -155,6 +155,9 @@ def test_a_rejected_batch_fails_the_call_with_the_providers_message(srv, batches
         ({"batch": True, "batch_deadline": -1}, "batch_deadline must be"),
         ({"batch": True, "batch_deadline": datetime.timedelta(0)}, "batch_deadline must be"),
         ({"batch": True, "cache": False}, "pass cache=True"),
+        # Packing inside a batch is not implemented: refused, not silently unpacked.
+        ({"batch": True, "rows_per_request": 5}, "pass rows_per_request=1 with batch=True"),
+        ({"batch": True, "rows_per_request": "auto"}, "or batch=False to pack live"),
     ],
 )
 def test_batch_settings_are_checked_before_any_request(srv, batches, options, match):
@@ -349,6 +352,22 @@ def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
     # One setup row live, ten at half price.
     assert batch["cost"] == pytest.approx(live["cost"] * (1 + 10 / 2) / 11)
     assert est["batch_cost"] == batch["cost"]
+
+
+def test_a_packed_estimate_quotes_no_batch_packed_figure(tmp_path):
+    # No run packs inside a batch, so the estimate must not price one.
+    est = frame(11).llm.estimate(
+        "${text}",
+        fields={"name": str, "year": int},
+        max_tokens=50,
+        rows_per_request=5,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    modes = est.attrs["modes"]
+    assert list(modes.index) == ["live", "live packed", "batch"]
+    assert "batch_packed_cost" not in est
+    assert modes.loc["live packed", "requests"] == est["packed_requests"] == 1 + 2
+    assert modes.loc["batch", "requests"] == est["requests"] == 11
 
 
 async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
