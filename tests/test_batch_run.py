@@ -260,6 +260,31 @@ def test_outstanding_batches_are_listed_refreshed_and_cancelled(srv, batches, tm
     assert parrot_pandas.list_batches(cache).empty
 
 
+def test_a_redacted_base_url_is_never_called_and_base_url_overrides_it(srv, batches, tmp_path):
+    # A gateway carrying its key in the query: the record keeps the URL redacted.
+    secret = "gw-secret-0123456789"
+    gateway = f"{srv.url}?api-key={secret}"
+    cache = tmp_path / "c.sqlite3"
+    extract(frame(3), srv, batch=True, cache=str(cache), base_url=gateway)
+    (batch_id,) = batches.batch_ids()
+    (stored,) = parrot_pandas.list_batches(cache, every=True)["base_url"]
+    assert secret not in stored and "***" in stored
+    before = parrot_pandas.list_batches(cache, every=True).loc[0, "updated"]
+    with pytest.raises(ConfigurationError, match="pass base_url=") as info:
+        parrot_pandas.list_batches(cache, every=True, refresh=True, api_key=KEY)
+    assert secret not in str(info.value)
+    with pytest.raises(ConfigurationError, match="pass base_url="):
+        parrot_pandas.cancel_batches([batch_id], cache, api_key=KEY)
+    assert batches.stats()["cancels"] == 0
+    assert parrot_pandas.list_batches(cache, every=True).loc[0, "updated"] == before
+    # With the full URL given again, the refresh reaches the provider; the record stays redacted.
+    fresh = parrot_pandas.list_batches(
+        cache, every=True, refresh=True, api_key=KEY, base_url=gateway
+    )
+    assert fresh.loc[0, "state"] == "ended:completed" and fresh.loc[0, "updated"] > before
+    assert secret not in fresh.loc[0, "base_url"]
+
+
 # -- prompt caching, live and in a batch ------------------------------------------------------
 
 SYSTEM = "You read short records and pull out the fields asked for. " * 40
