@@ -588,9 +588,12 @@ class BatchBar:
 
 def with_batch_figures(estimate: Any, rpm: float | None) -> Any:
     """``estimate`` (the Series of :func:`~._estimate.estimate`) with the batch figures, and
-    ``estimate.attrs["modes"]``: live, live packed, batch and batch packed side by side.
+    ``estimate.attrs["modes"]``: live, live packed and batch side by side.
 
     A batch run sends its first row live (the setup request), the rest at the batch price.
+    There is no "batch packed" mode: packing inside a batch is not supported yet
+    (``batch=True`` with ``rows_per_request`` other than 1 is refused), so no run could
+    deliver that figure.
     """
     model = estimate["model"]
     rows = max(estimate["rows"] - estimate["skipped_rows"] - estimate["cached_rows"], 0)
@@ -625,12 +628,11 @@ def with_batch_figures(estimate: Any, rpm: float | None) -> Any:
             estimate[f"{prefix}completion_tokens"],
         )
         mode(f"live{key}", requests, prompt, completion)
-        mode(f"batch{key}", requests, prompt, completion)
+        if not key:
+            mode("batch", requests, prompt, completion)
     out = estimate.copy()
     out["batch_cost"] = modes["batch"]["cost"]
-    if "batch packed" in modes:
-        out["batch_packed_cost"] = modes["batch packed"]["cost"]
-    order = [m for m in ("live", "live packed", "batch", "batch packed") if m in modes]
+    order = [m for m in ("live", "live packed", "batch") if m in modes]
     out.attrs["modes"] = pd.DataFrame([modes[m] for m in order], index=pd.Index(order, name="mode"))
     out.attrs["modes"].attrs["rows_to_send"] = rows
     return out

@@ -27,6 +27,8 @@ from .providers._batch import BatchStatus
 __all__ = ["cancel_batches", "list_batches"]
 
 _COLUMNS = ["batch_id", "provider", "base_url", "model", "state", "requests", "created", "updated"]
+# What redact_url puts in place of a secret in the base URL a record keeps.
+_REDACTED = "***"
 # A record in one of these states needs nothing more from the provider.
 _FINAL = ("collected", "ended:completed", "ended:failed", "ended:expired", "ended:cancelled")
 
@@ -50,8 +52,10 @@ def list_batches(
         Ask the provider for each listed batch's state now (needs its API key, from
         ``api_key=`` or the provider's environment variable) and update the records.
     **connection
-        ``api_key``, ``api_version``: how to reach the provider when refreshing (the
-        provider and base URL are the record's).
+        ``api_key``, ``api_version``, ``base_url``, ``provider``: how to reach the provider
+        when refreshing. ``base_url`` and ``provider`` default to the record's; a recorded
+        base URL is stored with its secrets redacted (``***``), so a gateway that carries
+        its key in the URL needs ``base_url=`` again.
 
     Returns
     -------
@@ -64,7 +68,8 @@ def list_batches(
     Raises
     ------
     ConfigurationError
-        ``cache`` is not a usable cache file, or a refresh has no API key.
+        ``cache`` is not a usable cache file, a refresh has no API key, or a recorded base
+        URL had a secret redacted and no ``base_url=`` was given.
 
     Examples
     --------
@@ -97,7 +102,8 @@ def cancel_batches(
     cache : bool or path, default True
         The cache file the batch runs used.
     **connection
-        ``api_key``, ``api_version``: how to reach the provider.
+        ``api_key``, ``api_version``, ``base_url``, ``provider``: how to reach the provider,
+        as for :func:`list_batches`.
 
     Returns
     -------
@@ -108,7 +114,8 @@ def cancel_batches(
     Raises
     ------
     ConfigurationError
-        A batch id that is not one of this project's, or no API key.
+        A batch id that is not one of this project's, no API key, or a recorded base URL
+        had a secret redacted and no ``base_url=`` was given.
     APIError
         The provider refused to cancel.
     """
@@ -144,6 +151,19 @@ def _records(cache: Any) -> Records:
 def _on_provider(
     records: Records, chosen: list[Record], connection: dict[str, Any], *, cancel: bool
 ) -> list[Record]:
+    connection = dict(connection)
+    provider = connection.pop("provider", None)
+    base_url = connection.pop("base_url", None)
+    if base_url is None:
+        # Checked for every record before the first call: never send a "***" URL.
+        redacted = sorted({r.base_url for r in chosen if r.batch_id and _REDACTED in r.base_url})
+        if redacted:
+            raise ConfigurationError(
+                f"the recorded base URL {redacted[0]!r} had a secret redacted (secrets are "
+                "never stored), so it cannot be called; pass base_url= with the full URL "
+                "(the one the batch run used)"
+            )
+
     async def go() -> list[Record]:
         out = []
         for record in chosen:
@@ -152,8 +172,8 @@ def _on_provider(
                 continue
             config = RunConfig.from_options(
                 model=record.model or "batch",
-                provider=record.provider,
-                base_url=record.base_url,
+                provider=provider or record.provider,
+                base_url=base_url or record.base_url,
                 **connection,
             )
             async with BatchClient(provider_for(config), secret=config.api_key) as client:

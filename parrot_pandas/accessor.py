@@ -377,10 +377,11 @@ class LLMAccessor:
             With ``rows_per_request``, also ``rows_per_request`` (the rows a pack would hold),
             ``packed_requests``, ``packed_prompt_tokens``, ``packed_completion_tokens`` and
             ``packed_cost``: the same run with several rows per request. Also ``batch_cost``
-            (``batch=True``: the first row live, the rest at half price) and
-            ``batch_packed_cost`` where packed figures are given. ``.attrs["modes"]`` puts
-            live, live packed, batch and batch packed side by side: requests, tokens, cost
-            and the expected time (live: from ``rpm``; a batch: within 24 hours).
+            (``batch=True``: the first row live, the rest at half price; one row per
+            request, as packing inside a batch is not supported yet). ``.attrs["modes"]``
+            puts live, live packed (with ``rows_per_request``) and batch side by side:
+            requests, tokens, cost and the expected time (live: from ``rpm``; a batch:
+            within 24 hours).
 
         Raises
         ------

@@ -155,6 +155,9 @@ def test_a_rejected_batch_fails_the_call_with_the_providers_message(srv, batches
         ({"batch": True, "batch_deadline": -1}, "batch_deadline must be"),
         ({"batch": True, "batch_deadline": datetime.timedelta(0)}, "batch_deadline must be"),
         ({"batch": True, "cache": False}, "pass cache=True"),
+        # Packing inside a batch is not implemented: refused, not silently unpacked.
+        ({"batch": True, "rows_per_request": 5}, "pass rows_per_request=1 with batch=True"),
+        ({"batch": True, "rows_per_request": "auto"}, "or batch=False to pack live"),
     ],
 )
 def test_batch_settings_are_checked_before_any_request(srv, batches, options, match):
@@ -257,6 +260,31 @@ def test_outstanding_batches_are_listed_refreshed_and_cancelled(srv, batches, tm
     assert parrot_pandas.list_batches(cache).empty
 
 
+def test_a_redacted_base_url_is_never_called_and_base_url_overrides_it(srv, batches, tmp_path):
+    # A gateway carrying its key in the query: the record keeps the URL redacted.
+    secret = "gw-secret-0123456789"
+    gateway = f"{srv.url}?api-key={secret}"
+    cache = tmp_path / "c.sqlite3"
+    extract(frame(3), srv, batch=True, cache=str(cache), base_url=gateway)
+    (batch_id,) = batches.batch_ids()
+    (stored,) = parrot_pandas.list_batches(cache, every=True)["base_url"]
+    assert secret not in stored and "***" in stored
+    before = parrot_pandas.list_batches(cache, every=True).loc[0, "updated"]
+    with pytest.raises(ConfigurationError, match="pass base_url=") as info:
+        parrot_pandas.list_batches(cache, every=True, refresh=True, api_key=KEY)
+    assert secret not in str(info.value)
+    with pytest.raises(ConfigurationError, match="pass base_url="):
+        parrot_pandas.cancel_batches([batch_id], cache, api_key=KEY)
+    assert batches.stats()["cancels"] == 0
+    assert parrot_pandas.list_batches(cache, every=True).loc[0, "updated"] == before
+    # With the full URL given again, the refresh reaches the provider; the record stays redacted.
+    fresh = parrot_pandas.list_batches(
+        cache, every=True, refresh=True, api_key=KEY, base_url=gateway
+    )
+    assert fresh.loc[0, "state"] == "ended:completed" and fresh.loc[0, "updated"] > before
+    assert secret not in fresh.loc[0, "base_url"]
+
+
 # -- prompt caching, live and in a batch ------------------------------------------------------
 
 SYSTEM = "You read short records and pull out the fields asked for. " * 40
@@ -349,6 +377,22 @@ def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
     # One setup row live, ten at half price.
     assert batch["cost"] == pytest.approx(live["cost"] * (1 + 10 / 2) / 11)
     assert est["batch_cost"] == batch["cost"]
+
+
+def test_a_packed_estimate_quotes_no_batch_packed_figure(tmp_path):
+    # No run packs inside a batch, so the estimate must not price one.
+    est = frame(11).llm.estimate(
+        "${text}",
+        fields={"name": str, "year": int},
+        max_tokens=50,
+        rows_per_request=5,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    modes = est.attrs["modes"]
+    assert list(modes.index) == ["live", "live packed", "batch"]
+    assert "batch_packed_cost" not in est
+    assert modes.loc["live packed", "requests"] == est["packed_requests"] == 1 + 2
+    assert modes.loc["batch", "requests"] == est["requests"] == 11
 
 
 async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
