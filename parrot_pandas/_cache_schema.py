@@ -30,6 +30,12 @@ OPEN_TIMEOUT_S = 30.0
 _COLUMNS = ("key", "sample", "value", "model", "prompt_tokens", "completion_tokens", "created")
 # Schema versions written before files carried APPLICATION_ID.
 _UNMARKED_VERSIONS = (1, 2)
+# Every name the migrations create in sqlite_master, those of a step half done included.
+_OUR_NAMES = frozenset(
+    {"responses", "responses_v2", "responses_model", "responses_created", "batches"}
+    | {"sqlite_autoindex_responses_1", "sqlite_autoindex_responses_v2_1"}
+    | {"sqlite_autoindex_batches_1"}
+)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _FIX = "pass cache=False, or cache='another/path.sqlite3'"
 
@@ -199,20 +205,20 @@ def _inspect(path: pathlib.Path) -> str:
         )
     wal_mode = header[18] == 2
     unopened = not pathlib.Path(f"{path}-wal").exists()
-    try:
-        conn = _connect_readonly(path, immutable=wal_mode and unopened)
-        try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = _user_version(conn)
-            tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
-            columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(responses)"))
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise _unusable(path, exc) from None
+    immutable = wal_mode and unopened
+    app_id, version, tables, columns = _facts(path, immutable=immutable)
     ours = app_id == APPLICATION_ID or (
         app_id == 0 and version in _UNMARKED_VERSIONS and columns == _COLUMNS
     )
+    if not ours and immutable and app_id in (0, APPLICATION_ID) and set(tables) <= _OUR_NAMES:
+        # "Nobody has it open" was a guess: another process (a Dask worker starting at the
+        # same moment) may be setting the file up, and an immutable read ignores its locks and
+        # log, so it can see a half-written file. A file that holds nothing but our names is
+        # read again with locks before it is called foreign (a foreign one is never touched).
+        app_id, version, tables, columns = _facts(path, immutable=False)
+        ours = app_id == APPLICATION_ID or (
+            app_id == 0 and version in _UNMARKED_VERSIONS and columns == _COLUMNS
+        )
     if not ours:
         if app_id == 0 and version == 0 and not tables:
             return "empty"  # a new file another process is just setting up, say
@@ -233,6 +239,22 @@ def _inspect(path: pathlib.Path) -> str:
             f"altered); delete it, or {_FIX}"
         )
     return "ours"
+
+
+def _facts(path: pathlib.Path, *, immutable: bool) -> tuple[int, int, list[str], tuple[str, ...]]:
+    """The file's application id, schema version, tables and ``responses`` columns."""
+    try:
+        conn = _connect_readonly(path, immutable=immutable)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = _user_version(conn)
+            tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+            columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(responses)"))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _unusable(path, exc) from None
+    return app_id, version, tables, columns
 
 
 def _unusable(path: pathlib.Path, exc: sqlite3.Error) -> ConfigurationError:

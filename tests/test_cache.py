@@ -1214,3 +1214,23 @@ def test_estimate_never_writes_the_cache(server, path, monkeypatch):
     missing = path.with_name("never.sqlite3")
     assert df.llm.estimate("${t}", base_url=server.url, cache=str(missing))["requests"] == 5
     assert not missing.exists()
+
+
+def test_a_file_another_process_is_setting_up_is_not_called_foreign(path, monkeypatch):
+    # Dask workers open one new cache file at the same moment. The first look is an immutable
+    # read (no side files), which ignores the other process's locks and log and can see the
+    # file half written: our table, but no version or mark yet. Seen on CI with four workers.
+    with ResponseCache(path):
+        pass  # a real cache file of ours, in WAL mode, closed: the immutable read is used
+    real = schema_module._facts
+    reads: list[bool] = []
+
+    def torn_then_real(where, *, immutable):
+        reads.append(immutable)
+        if immutable:
+            return 0, 0, ["responses"], schema_module._COLUMNS  # the half-written view
+        return real(where, immutable=immutable)
+
+    monkeypatch.setattr(schema_module, "_facts", torn_then_real)
+    assert schema_module._inspect(path) == "ours"
+    assert reads == [True, False]  # confirmed by a locking read before any verdict
