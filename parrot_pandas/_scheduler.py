@@ -430,7 +430,14 @@ class Scheduler:
 
     async def _attempt(self, job: Job, want: int) -> None:
         # One request: its good answers are kept (and cached) whatever else came with them.
-        answers, unusable, problem = await self._send(job, want)
+        # The request is awaited here, not in a helper coroutine: every coroutine frame is
+        # resumed on each wake-up of every request (issue 12, CPU per row).
+        plan = self.plan
+        assert job.prompt is not None
+        call = plan.call(job.prompt, want)
+        cost = plan.cost(call, self._prompt_ratio)
+        completion, latency = await self._exchange(call, cost, want * (self._max_output or 0))
+        answers, unusable, problem = self._received(job, want, completion, latency)
         if answers:
             self._keep(job, answers)
         if unusable:
@@ -468,16 +475,12 @@ class Scheduler:
             taken.add(index)
             cache.put(job.key, index, text, model=self.plan.config.model)
 
-    async def _send(
-        self, job: Job, want: int
+    def _received(
+        self, job: Job, want: int, completion: Completion, latency: float
     ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
-        """One request: its usable answers as (text, value), the texts whose values can never
-        parse, and the worst problem among the rest (``None`` if every answer is usable)."""
-        plan = self.plan
-        assert job.prompt is not None
-        call = plan.call(job.prompt, want)
-        cost = plan.cost(call, self._prompt_ratio)
-        completion, latency = await self._exchange(call, cost, want * (self._max_output or 0))
+        """One request's answer: its usable answers as (text, value), the texts whose values
+        can never parse, and the worst problem among the rest (``None`` if every answer is
+        usable)."""
         if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
             logger.debug(
                 "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",

@@ -135,6 +135,8 @@ class OpenAIProvider:
         self._base_url = self.normalize_base_url(base_url)
         self._url = endpoint(self._base_url, "/chat/completions")
         self._headers = {"Content-Type": "application/json", **self._auth_headers(api_key)}
+        # Read once: every request asks whether it goes to the vendor (issue 12, CPU per row).
+        self._host = urlsplit(self._base_url).hostname or ""
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({redact_url(self._url)!r})"
@@ -331,7 +333,7 @@ class OpenAIProvider:
 
     def _is_vendor_host(self) -> bool:
         hosts = self.vendor_hosts
-        return bool(hosts) and (urlsplit(self._base_url).hostname or "") in hosts
+        return bool(hosts) and self._host in hosts
 
 
 def _structured_fields(call: Call) -> dict[str, Any]:
