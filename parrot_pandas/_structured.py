@@ -954,7 +954,12 @@ def _parse_datetime(text: str) -> datetime.datetime:
         raise ValueError("not ISO 8601")
     if text[-1:] in ("Z", "z"):
         text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat does not read "Z"
+    # Nor a fraction of other than 3 or 6 digits ("14:30:00.25"): pad or cut it to 6.
+    text = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
     return datetime.datetime.fromisoformat(text)
+
+
+_FRACTION = re.compile(r"(?<=\d\d:\d\d:\d\d)[.,](\d+)")
 
 
 def _date_reason(exc: ValueError) -> str:
