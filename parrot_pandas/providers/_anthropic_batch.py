@@ -38,6 +38,8 @@ from ._batch import (
     answered,
     endpoint_error,
     line_error,
+    read_page,
+    result_lines,
     split,
 )
 from ._url import endpoint
@@ -180,21 +182,10 @@ class AnthropicBatch:
         )
 
     def read_list(self, body: Any) -> tuple[list[BatchStatus], str | None]:
-        data = body.get("data") if isinstance(body, Mapping) else None
-        statuses = [self.read_status(item) for item in data or () if isinstance(item, Mapping)]
-        more = isinstance(body, Mapping) and body.get("has_more") and statuses
-        return statuses, (statuses[-1].id if more else None)
+        return read_page(body, self.read_status)
 
     def read_results(self, text: bytes, calls: Mapping[str, Call]) -> Iterator[LineResult]:
-        for raw in text.splitlines():
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue  # a torn line: its request is reported missing
-            custom_id = line.get("custom_id") if isinstance(line, dict) else None
-            call = calls.get(custom_id) if isinstance(custom_id, str) else None
-            if call is None:
-                continue
+        for custom_id, call, line in result_lines(text, calls):
             result = line.get("result")
             yield self._read_result(custom_id, call, result if isinstance(result, Mapping) else {})
 

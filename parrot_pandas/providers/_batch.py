@@ -30,8 +30,9 @@ Verdicts of a line that has no answer
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -41,6 +42,8 @@ from ._prompt_cache import CacheUsage
 from .base import Call, Completion
 
 __all__ = [
+    "read_page",
+    "result_lines",
     "answered",
     "ENDPOINT_CALL",
     "CUSTOM_ID",
@@ -430,6 +433,34 @@ def rejection(status: BatchStatus) -> APIError | None:
         code=codes[0] if codes else "batch_failed",
         verdict=Verdict("run", retry, "batch_rejected"),
     )
+
+
+def read_page(
+    body: Any, read_status: Callable[[Any], BatchStatus]
+) -> tuple[list[BatchStatus], str | None]:
+    """A list response (``data``, ``has_more``, both protocols) -> its statuses and the cursor
+    of the next page (the last id), ``None`` on the last page."""
+    data = body.get("data") if isinstance(body, Mapping) else None
+    statuses = [read_status(item) for item in data or () if isinstance(item, Mapping)]
+    more = isinstance(body, Mapping) and body.get("has_more") and statuses
+    return statuses, (statuses[-1].id if more else None)
+
+
+def result_lines(text: bytes, calls: Mapping[str, Call]) -> Iterator[tuple[str, Call, dict]]:
+    """Each JSONL result line of ours: its custom id, the call it answers, the parsed line.
+
+    A torn line is skipped (its request is reported missing), and so is a line for a custom
+    id this run did not submit.
+    """
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        custom_id = line.get("custom_id") if isinstance(line, dict) else None
+        call = calls.get(custom_id) if isinstance(custom_id, str) else None
+        if call is not None:
+            yield custom_id, call, line
 
 
 def answered(custom_id: str, completion: Completion, cache: CacheUsage) -> LineResult:
