@@ -246,10 +246,15 @@ def _facts(path: pathlib.Path, *, immutable: bool) -> tuple[int, int, list[str],
     try:
         conn = _connect_readonly(path, immutable=immutable)
         try:
+            # One read transaction, so the four facts come from one snapshot: read statement by
+            # statement, another process migrating the file in between showed version 4 with no
+            # mark, and the reader called its own cache foreign (four Dask workers, CI).
+            conn.execute("BEGIN")
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = _user_version(conn)
             tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
             columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(responses)"))
+            conn.execute("COMMIT")
         finally:
             conn.close()
     except sqlite3.Error as exc:

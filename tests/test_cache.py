@@ -1234,3 +1234,40 @@ def test_a_file_another_process_is_setting_up_is_not_called_foreign(path, monkey
     monkeypatch.setattr(schema_module, "_facts", torn_then_real)
     assert schema_module._inspect(path) == "ours"
     assert reads == [True, False]  # confirmed by a locking read before any verdict
+
+
+def test_a_migration_committed_between_two_reads_of_the_facts_is_not_called_foreign(
+    path, monkeypatch
+):
+    # Four Dask workers opening one new file: while one read the file's mark, version and tables
+    # statement by statement, another committed every migration in between, so the reader saw
+    # no mark but version 4 and called its own cache foreign (CI, 4 workers). The facts must
+    # come from one snapshot of the file.
+    path.parent.mkdir(parents=True)
+    setup = schema_module.open_plain(path, busy_timeout=5.0)
+    schema_module._enable_wal(setup)  # a new file, switched to WAL, not migrated yet
+    writer = schema_module.open_plain(path, busy_timeout=5.0)
+    real_connect = schema_module._connect_readonly
+
+    def connect_then_migrate_after_the_first_read(where, *, immutable):
+        conn = real_connect(where, immutable=immutable)
+        seen: list[str] = []
+
+        def trace(statement: str) -> None:
+            seen.append(statement)
+            if len(seen) == 2 and not immutable:  # after the first read, before the second
+                schema_module._migrate(writer)
+
+        conn.set_trace_callback(trace)
+        return conn
+
+    monkeypatch.setattr(
+        schema_module, "_connect_readonly", connect_then_migrate_after_the_first_read
+    )
+    try:
+        assert schema_module._inspect(path) in ("empty", "ours")
+        # And the migration it raced really happened: the file is a marked cache now.
+        assert schema_module._inspect(path) == "ours"
+    finally:
+        writer.close()
+        setup.close()
