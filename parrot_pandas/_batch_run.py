@@ -13,7 +13,11 @@ How a batch run goes
    gets a record in the cache database (table ``batches``, keyed by provider, base URL and
    the part's digest: what was submitted) before it is created, and its batch id right after.
    A re-run computes the same parts, finds their records and re-attaches: it never submits
-   the same batch twice, across processes and kernel restarts.
+   the same batch twice, across processes and kernel restarts. The record is a claim, taken in
+   one write transaction and naming its process: a second process running the same call at
+   the same time waits for the first one's batch id; a claim whose process died before it
+   recorded the id is looked up by the batch's metadata (OpenAI, Azure) or submitted again
+   (Anthropic's batches carry no metadata to find it by).
 4. Waiting polls with backoff (:data:`POLL_FIRST` seconds, doubling to :data:`POLL_MAX`) and
    feeds a progress bar from the batch's request counts. Ctrl-C stops waiting, not the batch.
 5. Each line's answer goes through the scheduler's own ``_judge``/``_keep``/``_finish``/
@@ -30,6 +34,8 @@ import datetime
 import hashlib
 import json
 import logging
+import os
+import socket
 import sqlite3
 import sys
 import time
@@ -58,6 +64,8 @@ logger = logging.getLogger("parrot_pandas")
 # Seconds between looks at a batch: the first wait, then doubling up to the longest.
 POLL_FIRST = 5.0
 POLL_MAX = 60.0
+# Seconds between looks at a record another process is submitting.
+CLAIM_POLL = 1.0
 
 
 async def wait_between(seconds: float) -> None:
@@ -108,6 +116,17 @@ class Record:
     updated: float
     model: str | None
     custom_ids: tuple[str, ...]
+    owner: str | None = None
+
+
+_FIELDS = "provider, base_url, digest, batch_id, state, created, updated, model, custom_ids, owner"
+# This process, as a record's owner names it.
+_ME = f"{socket.gethostname()}:{os.getpid()}"
+# Parts this process is submitting right now (by digest): a claim of ours not in here was left
+# by a call that was interrupted (Ctrl-C in a notebook), and is stale.
+_SUBMITTING: set[str] = set()
+# Seconds after which another host's unfinished claim is taken as abandoned (no pid to check).
+CLAIM_STALE = 900.0
 
 
 class Records:
@@ -125,19 +144,45 @@ class Records:
 
     def find(self, provider: str, base_url: str, digest: str) -> Record | None:
         row = self._conn.execute(
-            "SELECT * FROM batches WHERE provider = ? AND base_url = ? AND digest = ?",
+            f"SELECT {_FIELDS} FROM batches WHERE provider = ? AND base_url = ? AND digest = ?",
             (provider, base_url, digest),
         ).fetchone()
         return _record(row) if row is not None else None
 
-    def begin(self, provider: str, base_url: str, part: BatchPart, now: float) -> None:
-        """Written before the create request: a crash after it leaves a trace."""
-        self._conn.execute(
-            "INSERT OR REPLACE INTO batches (provider, base_url, digest, batch_id, state, "
-            "created, updated, model, custom_ids) VALUES (?, ?, ?, NULL, 'submitting', ?, ?, "
-            "?, ?)",
-            (provider, base_url, part.digest, now, now, part.model, json.dumps(part.custom_ids)),
-        )
+    def claim(
+        self, provider: str, base_url: str, part: BatchPart, now: float, seen: Record | None
+    ) -> bool:
+        """Take the right to submit ``part``: written before the create request, so a crash
+        after it leaves a trace and a second process waits instead of submitting too.
+
+        ``False`` when the record is no longer ``seen`` (another process claimed or
+        submitted the part meanwhile): look again.
+        """
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._conn.execute(
+                f"SELECT {_FIELDS} FROM batches WHERE provider = ? AND base_url = ? AND digest = ?",
+                (provider, base_url, part.digest),
+            ).fetchone()
+            if (_record(row) if row is not None else None) != seen:
+                return False
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO batches ({_FIELDS}) "
+                "VALUES (?, ?, ?, NULL, 'submitting', ?, ?, ?, ?, ?)",
+                (
+                    provider,
+                    base_url,
+                    part.digest,
+                    now,
+                    now,
+                    part.model,
+                    json.dumps(part.custom_ids),
+                    _ME,
+                ),
+            )
+            return True
+        finally:
+            self._conn.execute("COMMIT")
 
     def update(
         self, provider: str, base_url: str, digest: str, state: str, now: float, batch_id=None
@@ -149,12 +194,34 @@ class Records:
         )
 
     def all(self) -> list[Record]:
-        rows = self._conn.execute("SELECT * FROM batches ORDER BY created").fetchall()
+        rows = self._conn.execute(f"SELECT {_FIELDS} FROM batches ORDER BY created").fetchall()
         return [_record(row) for row in rows]
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    return Record(*row[:8], tuple(json.loads(row[8])))  # type: ignore[arg-type]
+    provider, base_url, digest, batch_id, state, created, updated, model, ids, owner = row
+    return Record(
+        provider, base_url, digest, batch_id, state, created, updated, model,
+        tuple(json.loads(ids)), owner,
+    )  # fmt: skip
+
+
+def being_submitted(record: Record, now: float) -> bool:
+    """Whether another process (or call) is submitting ``record``'s part right now."""
+    if record.batch_id is not None or record.state != "submitting" or record.owner is None:
+        return False
+    if record.owner == _ME:
+        return record.digest in _SUBMITTING
+    host, _, pid = record.owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False  # it died (kill -9, a crash) before its batch id was recorded
+        except PermissionError:
+            return True  # alive, another user's
+        return True
+    return now - record.updated < CLAIM_STALE
 
 
 def record_state(status: BatchStatus) -> str:
@@ -398,21 +465,34 @@ class BatchScheduler(Scheduler):
         return list(retry.values())
 
     async def _attach_or_submit(self, records: Records, part: BatchPart) -> BatchStatus:
-        record = self._found(records, part)
-        batch_id = record.batch_id if record is not None else None
-        if record is not None and batch_id is None and record.state == "submitting":
-            # A crash between the create request and its record: the batch may exist.
-            batch_id = await self._orphan(part, record.created)
-        if batch_id is not None and record is not None and record.state != "ended:failed":
-            logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
-            status = await self._look(records, part, batch_id)
-        else:
-            records.begin(self._provider_name, self._base_url, part, self._wall())
+        while True:
+            record = self._found(records, part)
+            if record is not None and being_submitted(record, self._wall()):
+                # Another process runs the same call and is submitting this part: wait for
+                # its batch id rather than submit a second batch.
+                await (self._wait or wait_between)(CLAIM_POLL)
+                continue
+            batch_id = record.batch_id if record is not None else None
+            if record is not None and batch_id is None and record.state == "submitting":
+                # A crash between the create request and its record: the batch may exist.
+                batch_id = await self._orphan(part, record.created)
+            if batch_id is not None and record is not None and record.state != "ended:failed":
+                logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
+                status = await self._look(records, part, batch_id)
+                break
+            if not records.claim(self._provider_name, self._base_url, part, self._wall(), record):
+                continue  # another process claimed the part first: look again
+            _SUBMITTING.add(part.digest)
             try:
                 status = await self.client.submit(part, metadata={_DIGEST_KEY: part.digest[:64]})
             except APIError as exc:
+                _SUBMITTING.discard(part.digest)
                 raise _batch_refused(exc) from None
+            except BaseException:
+                _SUBMITTING.discard(part.digest)
+                raise
             logger.info("submitted batch %s (%d requests)", status.id, len(part))
+            break
         records.update(
             self._provider_name,
             self._base_url,
@@ -421,6 +501,7 @@ class BatchScheduler(Scheduler):
             self._wall(),
             batch_id=status.id,
         )
+        _SUBMITTING.discard(part.digest)  # the record names the batch now
         if status.id not in self.batch_ids:
             self.batch_ids.append(status.id)
         return status

@@ -130,6 +130,13 @@ def _m004_batches(conn: sqlite3.Connection) -> None:
     )
 
 
+@_migration
+def _m005_batch_owner(conn: sqlite3.Connection) -> None:
+    # Which process is submitting a part ("host:pid"), so a second process running the same
+    # call waits for that submission instead of making its own (parrot_pandas._batch_run).
+    conn.execute("ALTER TABLE batches ADD COLUMN owner TEXT")
+
+
 def _user_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 

@@ -8,6 +8,7 @@ import datetime
 import os
 import pathlib
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def batches(srv: FakeServer, monkeypatch: pytest.MonkeyPatch) -> FakeBatches:
     async def wait(seconds: float) -> None:
         waits.append(seconds)
         fake.advance(seconds)
+        await asyncio.sleep(0)  # as a real wait does, let the loop's other tasks run
 
     monkeypatch.setattr(_batch_run, "wait_between", wait)
     fake.waits = waits  # type: ignore[attr-defined]
@@ -533,3 +535,55 @@ def test_a_rerun_finds_a_batch_whose_lines_used_the_fallen_back_strategy(
     out = extract(frame(6), srv, batch=True, cache=str(cache))
     assert list(out["name"]) == [f"N{i}" for i in range(6)]
     assert fake.stats()["batches"] == 1 and out.attrs["llm"]["strategy"] == "json_schema"
+
+
+async def test_two_calls_running_at_once_submit_one_batch(srv, batches, tmp_path):
+    # Two notebooks (here two calls on one loop, each with its own connection to the file) run
+    # the same call: the second waits for the first one's submission and attaches to it.
+    batches.step = 5.0
+    cache = str(tmp_path / "c.sqlite3")
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", "cache": cache}
+    call = frame(6).llm.aextract
+    first, second = await asyncio.gather(
+        call("${text}", {"name": str, "year": int}, batch=True, **options),
+        call("${text}", {"name": str, "year": int}, batch=True, **options),
+    )
+    pd.testing.assert_frame_equal(first, second)
+    assert list(first["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1
+    assert (
+        first.attrs["llm"]["batch_ids"] == second.attrs["llm"]["batch_ids"] == batches.batch_ids()
+    )
+
+
+def _claim(owner: str | None, *, updated: float = 1000.0, batch_id: str | None = None):
+    return _batch_run.Record(
+        "openai", "http://x/v1", "d" * 64, batch_id, "submitting", 1000.0, updated, "m", (), owner
+    )
+
+
+def test_a_claim_is_waited_for_only_while_its_submitter_can_still_record_it():
+    host, now = socket.gethostname(), 1010.0
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _batch_run.being_submitted(_claim(f"{host}:{sleeper.pid}"), now)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Killed before it recorded its batch id: its claim is a leftover to look up, not to wait for.
+    assert not _batch_run.being_submitted(_claim(f"{host}:{sleeper.pid}"), now)
+    # This process: only while one of its calls is in the create request.
+    me = f"{host}:{os.getpid()}"
+    assert not _batch_run.being_submitted(_claim(me), now)  # a call interrupted by Ctrl-C
+    _batch_run._SUBMITTING.add("d" * 64)
+    try:
+        assert _batch_run.being_submitted(_claim(me), now)
+    finally:
+        _batch_run._SUBMITTING.discard("d" * 64)
+    # Another host: no pid to ask, so the claim's age decides.
+    assert _batch_run.being_submitted(_claim("elsewhere:1"), now)
+    stale = now + _batch_run.CLAIM_STALE
+    assert not _batch_run.being_submitted(_claim("elsewhere:1"), stale)
+    # A recorded batch, or a record written before owners were kept, is never waited for.
+    assert not _batch_run.being_submitted(_claim("elsewhere:1", batch_id="b1"), now)
+    assert not _batch_run.being_submitted(_claim(None), now)
