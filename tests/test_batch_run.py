@@ -155,9 +155,6 @@ def test_a_rejected_batch_fails_the_call_with_the_providers_message(srv, batches
         ({"batch": True, "batch_deadline": -1}, "batch_deadline must be"),
         ({"batch": True, "batch_deadline": datetime.timedelta(0)}, "batch_deadline must be"),
         ({"batch": True, "cache": False}, "pass cache=True"),
-        # Packing inside a batch is not implemented: refused, not silently unpacked.
-        ({"batch": True, "rows_per_request": 5}, "pass rows_per_request=1 with batch=True"),
-        ({"batch": True, "rows_per_request": "auto"}, "or batch=False to pack live"),
     ],
 )
 def test_batch_settings_are_checked_before_any_request(srv, batches, options, match):
