@@ -830,51 +830,43 @@ class BatchBar:
 
 def with_batch_figures(estimate: Any, rpm: float | None) -> Any:
     """``estimate`` (the Series of :func:`~._estimate.estimate`) with the batch figures, and
-    ``estimate.attrs["modes"]``: live, live packed and batch side by side.
+    ``estimate.attrs["modes"]``: live, live packed, batch and batch packed side by side.
 
     A batch run sends its first row live (the setup request), the rest at the batch price.
-    There is no "batch packed" mode: packing inside a batch is not supported yet
-    (``batch=True`` with ``rows_per_request`` other than 1 is refused), so no run could
-    deliver that figure.
+    The packed modes are there with ``rows_per_request`` other than 1; ``batch packed`` is
+    the estimate's own ``batch_packed_*`` figures (a batch packs as a live run does, and
+    prices its setup request live and its packs at the batch price), so the two savings
+    multiply.
     """
     model = estimate["model"]
     rows = max(estimate["rows"] - estimate["skipped_rows"] - estimate["cached_rows"], 0)
     modes: dict[str, dict[str, Any]] = {}
 
-    def mode(name: str, requests: int, prompt: int, completion: int | None) -> None:
-        one_live = 1 if requests else 0
-        share = one_live / requests if requests else 0.0
-        live = cost(model, prompt, completion)
-        price = None
-        if live is not None:
-            price = live if not name.startswith("batch") else live * (share + (1 - share) / 2)
-        seconds: Any = None
-        if name.startswith("batch"):
-            seconds = "within 24 h"
-        elif rpm:
+    def mode(name: str, prefix: str, price: float | None) -> None:
+        requests = estimate[f"{prefix}requests"]
+        seconds: Any = "within 24 h" if name.startswith("batch") else None
+        if seconds is None and rpm:
             seconds = round(requests / rpm * 60, 1)
         modes[name] = {
             "requests": requests,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
+            "prompt_tokens": estimate[f"{prefix}prompt_tokens"],
+            "completion_tokens": estimate[f"{prefix}completion_tokens"],
             "cost": price,
             "expected_seconds": seconds,
         }
 
-    for prefix, key in (("", ""), ("packed_", " packed")):
-        if f"{prefix}requests" not in estimate:
-            continue
-        requests = estimate[f"{prefix}requests"]
-        prompt, completion = (
-            estimate[f"{prefix}prompt_tokens"],
-            estimate[f"{prefix}completion_tokens"],
-        )
-        mode(f"live{key}", requests, prompt, completion)
-        if not key:
-            mode("batch", requests, prompt, completion)
+    live = cost(model, estimate["prompt_tokens"], estimate["completion_tokens"])
+    requests = estimate["requests"]
+    # One request of the batch mode goes live (the setup request): its share at full price.
+    share = 1 / requests if requests else 0.0
+    mode("live", "", live)
+    if "packed_requests" in estimate:
+        mode("live packed", "packed_", estimate["packed_cost"])
+    mode("batch", "", None if live is None else live * (share + (1 - share) * BATCH_DISCOUNT))
+    if "batch_packed_requests" in estimate:
+        mode("batch packed", "batch_packed_", estimate["batch_packed_cost"])
     out = estimate.copy()
     out["batch_cost"] = modes["batch"]["cost"]
-    order = [m for m in ("live", "live packed", "batch") if m in modes]
-    out.attrs["modes"] = pd.DataFrame([modes[m] for m in order], index=pd.Index(order, name="mode"))
+    out.attrs["modes"] = pd.DataFrame(list(modes.values()), index=pd.Index(modes, name="mode"))
     out.attrs["modes"].attrs["rows_to_send"] = rows
     return out

@@ -377,22 +377,6 @@ def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
     assert est["batch_cost"] == batch["cost"]
 
 
-def test_a_packed_estimate_quotes_no_batch_packed_figure(tmp_path):
-    # No run packs inside a batch, so the estimate must not price one.
-    est = frame(11).llm.estimate(
-        "${text}",
-        fields={"name": str, "year": int},
-        max_tokens=50,
-        rows_per_request=5,
-        cache=str(tmp_path / "c.sqlite3"),
-    )
-    modes = est.attrs["modes"]
-    assert list(modes.index) == ["live", "live packed", "batch"]
-    assert "batch_packed_cost" not in est
-    assert modes.loc["live packed", "requests"] == est["packed_requests"] == 1 + 2
-    assert modes.loc["batch", "requests"] == est["requests"] == 11
-
-
 async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
     # A plain OpenAI-compatible server (llama.cpp, vLLM): chat answers, /files is a 404.
     async def chat(request: web.Request) -> web.Response:
@@ -683,34 +667,33 @@ def test_a_rerun_reattaches_to_a_second_round_of_halved_packs(server_factory, tm
     # are what a re-run rebuilds it from.
     srv = server_factory(api_key=KEY, pack_faults={"drop": 0.3}, seed=4)
     batches = FakeBatches.of(srv.app)
-    looks = []
 
     async def wait(seconds: float) -> None:
-        looks.append(seconds)
         if len(batches.batch_ids()) == 2:
-            raise KeyboardInterrupt  # stops the run while the second batch is waiting
+            raise KeyboardInterrupt  # stops the run while the second batch waits
         batches.advance(seconds)
 
     cache = str(tmp_path / "c.sqlite3")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_batch_run, "wait_between", wait)
-        batches.step = 10**6
         with pytest.raises(KeyboardInterrupt):
             extract(frame(25), srv, batch=True, rows_per_request=8, cache=cache)
-    assert len(batches.batch_ids()) == 2
-    batches.step = 0
+    first, second = batches.batch_ids()
+    assert _pack_sizes(cache)[0] == [8, 8, 8] and max(_pack_sizes(cache)[1]) <= 4
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_batch_run, "wait_between", lambda s: _advance(batches, s))
         out = extract(frame(25), srv, batch=True, rows_per_request=8, cache=cache)
     assert list(out["name"]) == [f"N{i}" for i in range(25)]
-    # Re-attached to the waiting second batch first: its halved packs were not sent again.
-    assert out.attrs["llm"]["batch_ids"][0] == batches.batch_ids()[1]
-    assert len(_pack_sizes(cache)) == len(batches.batch_ids())
+    # Re-attached to the waiting second batch: its halved packs were not submitted again.
+    assert out.attrs["llm"]["batch_ids"][0] == second
+    assert first not in out.attrs["llm"]["batch_ids"]
+    assert len(batches.batch_ids()) == len(_pack_sizes(cache))
 
 
 def test_estimate_puts_batch_packed_beside_the_other_modes(tmp_path):
+    # Instructions worth packing: sent once per pack instead of once per row.
     est = frame(11).llm.estimate(
-        "${text}",
+        "Find the person in this note, with the year they were born. " * 20 + "${text}",
         fields={"name": str, "year": int},
         max_tokens=50,
         rows_per_request=5,
@@ -728,3 +711,23 @@ def test_estimate_puts_batch_packed_beside_the_other_modes(tmp_path):
     assert live_packed["cost"] / 2 < batch_packed["cost"] < live_packed["cost"]
     assert batch_packed["cost"] < modes.loc["batch", "cost"]
     assert est["batch_packed_cost"] == batch_packed["cost"]
+
+
+def test_an_auto_estimate_quotes_the_size_a_batch_run_packs(srv, batches, tmp_path):
+    # Live "auto" packs by the rate limits (rpm alone binds: the most rows); a batch is not
+    # held to them and packs its fixed size, the one the run then uses.
+    df = frame(26)
+    options = {"fields": {"name": str, "year": int}, "rows_per_request": "auto", "rpm": 500}
+    est = df.llm.estimate("${text}", max_tokens=50, cache=str(tmp_path / "e.sqlite3"), **options)
+    assert est["rows_per_request"] == 50 and est["batch_rows_per_request"] == 10
+    assert est.attrs["modes"].loc["batch packed", "requests"] == 1 + 3
+    out = extract(
+        df,
+        srv,
+        batch=True,
+        max_tokens=50,
+        cache=str(tmp_path / "c.sqlite3"),
+        **{k: v for k, v in options.items() if k != "fields"},
+    )
+    assert out.attrs["llm"]["rows_per_request"] == est["batch_rows_per_request"]
+    assert out.attrs["llm"]["requests"] == est["batch_packed_requests"]
