@@ -6,14 +6,19 @@ How a batch run goes
    run: cached rows never reach a batch, identical rows are one job.
 2. Each job becomes one line per request it needs (:meth:`Feed.asks`: one line with ``n``
    samples on OpenAI, one line per sample on Anthropic), ``custom_id`` a short hash of the
-   job's cache key; ``protocol.parts`` splits the lines by the provider's limits.
+   job's cache key; ``protocol.parts`` splits the lines by the provider's limits. With
+   ``rows_per_request`` other than 1, consecutive jobs are packed first, as the live packed
+   path packs them (:class:`~parrot_pandas._packing.PackedPlan`; ``"auto"`` is the fixed
+   size of :func:`batch_rows_per_request`): one line per pack, ``custom_id`` ``p`` and a
+   hash of its jobs' keys, and its record keeps each custom id's rows.
 3. Unless a record says a part was already submitted, one row goes live first: the
    scheduler's setup request (it picks the structured-output strategy, fails the run early on
    a bad key or model, and warms the provider's prompt cache for what follows). Then each part
    gets a record in the cache database (table ``batches``, keyed by provider, base URL and
    the part's digest: what was submitted) before it is created, and its batch id right after.
-   A re-run computes the same parts, finds their records and re-attaches: it never submits
-   the same batch twice, across processes and kernel restarts.
+   A re-run computes the same parts (a packed run: rebuilds them from the records' rows,
+   however they were grouped), finds their records and re-attaches: it never submits the
+   same batch twice, across processes and kernel restarts.
 4. Waiting polls with backoff (:data:`POLL_FIRST` seconds, doubling to :data:`POLL_MAX`) and
    feeds a progress bar from the batch's request counts. Ctrl-C stops waiting, not the batch.
 5. Each line's answer goes through the scheduler's own ``_judge``/``_keep``/``_finish``/
@@ -21,6 +26,12 @@ How a batch run goes
    retry (expired, cancelled, a 500) go into one more batch, at most :data:`ROUNDS` batches in
    all, or live through the ordinary scheduler once ``batch_deadline`` has passed or the
    rounds are used up. A batch the provider rejects fails the call with its message.
+6. A packed line's answer is checked id by id by :meth:`PackedPlan.read` and kept by the
+   packer's own keeping, each row cached under its unpacked key. Rows that did not map
+   (missing, duplicated, truncated, invalid) go into the next batch in packs of at most half
+   the size (:func:`~parrot_pandas._packing.halve`); a pack whose line failed in passing goes
+   again whole; one whose line failed for good is halved, so that only a culprit, alone,
+   fails. What is left after the rounds goes live through the live packed path.
 """
 
 from __future__ import annotations
@@ -378,7 +389,7 @@ class BatchScheduler(Scheduler):
             assert self.cache is not None
             self.cache.flush()
         covered = {id(job) for group in groups for line in group for job in line.jobs}
-        fresh = [job for job in jobs if not job.done and id(job) not in covered]
+        fresh = [job for job in jobs if not _settled(job) and id(job) not in covered]
         if fresh:
             groups.append(self._lines(self._packs(fresh), feed))
         for round_ in range(1, ROUNDS + 1):
@@ -486,7 +497,6 @@ class BatchScheduler(Scheduler):
             size = batch_rows_per_request(
                 self._packed(), [job.prompt for job in jobs[:BATCH_SAMPLED_ROWS] if job.prompt]
             )
-        self._packer.largest = max(self._packer.largest, min(int(size), len(jobs)))
         return [jobs[start : start + int(size)] for start in range(0, len(jobs), int(size))]
 
     def _packed(self) -> PackedPlan:
@@ -505,7 +515,7 @@ class BatchScheduler(Scheduler):
         lines: list[_Line] = []
         plan = self.plan
         for pack in packs:
-            jobs = tuple(job for job in pack if not job.done and job.prompt is not None)
+            jobs = tuple(job for job in pack if not _settled(job) and job.prompt is not None)
             if not jobs:
                 continue
             packed: PackedPlan | None = None
@@ -731,6 +741,7 @@ class BatchScheduler(Scheduler):
             return [], False
         packer.packed_requests += 1
         packer.packed_rows += len(line.jobs)
+        packer.largest = max(packer.largest, len(line.jobs))
         if completion is not None:
             mapped = packed.read(completion, len(line.jobs), line.want)
         else:
