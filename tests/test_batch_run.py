@@ -731,3 +731,19 @@ def test_an_auto_estimate_quotes_the_size_a_batch_run_packs(srv, batches, tmp_pa
     )
     assert out.attrs["llm"]["rows_per_request"] == est["batch_rows_per_request"]
     assert out.attrs["llm"]["requests"] == est["batch_packed_requests"]
+
+
+@pytest.mark.parametrize(("provider", "lines"), [("openai", 2), ("anthropic", 4)])
+def test_n_samples_of_packed_lines_on_both_protocols(srv, batches, tmp_path, provider, lines):
+    # Anthropic has no n: a pack's line per sample, each checked by id on its own.
+    df = frame(7)
+    options = {"api_key": KEY, **_one_of_each(srv, provider)}
+    cache = str(tmp_path / "c.sqlite3")
+    out = df.llm.generate(
+        "${text}", output="said", n=2, batch=True, rows_per_request=3, cache=cache, **options
+    )
+    assert len(out) == 14 and out["said"].notna().all()
+    assert batches.stats()["lines"] == lines  # 6 rows after the setup row: 2 packs
+    again = df.llm.generate("${text}", output="said", n=2, cache=cache, **options)
+    assert again.attrs["llm"]["requests"] == 0
+    pd.testing.assert_frame_equal(again.drop(columns="llm_error", errors="ignore"), out)
