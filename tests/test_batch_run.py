@@ -747,3 +747,15 @@ def test_n_samples_of_packed_lines_on_both_protocols(srv, batches, tmp_path, pro
     again = df.llm.generate("${text}", output="said", n=2, cache=cache, **options)
     assert again.attrs["llm"]["requests"] == 0
     pd.testing.assert_frame_equal(again.drop(columns="llm_error", errors="ignore"), out)
+
+
+def test_a_batch_that_expired_whole_is_submitted_again_not_read_again(srv, batches, tmp_path):
+    # Every line expired: the same lines again have the same digest as the batch read, which
+    # must be a new batch, not the expired one re-attached and read a second time.
+    batches.window = 600
+    df = frame(4, extra={i: ", note=BATCH_EXPIRE" for i in range(1, 4)})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == [f"N{i}" for i in range(4)]
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and len(set(facts["batch_ids"])) == 2
+    assert facts["resubmitted_lines"] == 3 and facts["live_fallback_rows"] == 0
