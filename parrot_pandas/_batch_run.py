@@ -402,7 +402,7 @@ class BatchScheduler(Scheduler):
             groups = [self._lines(again, feed)] if again else []
             if groups and (round_ == ROUNDS or self._past_deadline()):
                 break
-        pending = [job for job in dict.fromkeys(j for g in groups for ln in g for j in ln.jobs)]
+        pending = list(dict.fromkeys(job for group in groups for ln in group for job in ln.jobs))
         if pending:
             why = "batch_deadline has passed" if self._past_deadline() else "after two batches"
             logger.info("%d row(s) still unanswered %s: sent live", len(pending), why)
@@ -463,7 +463,7 @@ class BatchScheduler(Scheduler):
                     continue  # another sample's line of the same pack
                 seen.add(stems)
                 pack = [by_stem.get(stem) for stem in stems]
-                if not pack or any(job is None or job.done for job in pack):
+                if not pack or any(job is None or _settled(job) for job in pack):
                     break
                 packs.append(pack)  # type: ignore[arg-type]
             else:
