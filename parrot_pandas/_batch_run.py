@@ -6,14 +6,19 @@ How a batch run goes
    run: cached rows never reach a batch, identical rows are one job.
 2. Each job becomes one line per request it needs (:meth:`Feed.asks`: one line with ``n``
    samples on OpenAI, one line per sample on Anthropic), ``custom_id`` a short hash of the
-   job's cache key; ``protocol.parts`` splits the lines by the provider's limits.
+   job's cache key; ``protocol.parts`` splits the lines by the provider's limits. With
+   ``rows_per_request`` other than 1, consecutive jobs are packed first, as the live packed
+   path packs them (:class:`~parrot_pandas._packing.PackedPlan`; ``"auto"`` is the fixed
+   size of :func:`batch_rows_per_request`): one line per pack, ``custom_id`` ``p`` and a
+   hash of its jobs' keys, and its record keeps each custom id's rows.
 3. Unless a record says a part was already submitted, one row goes live first: the
    scheduler's setup request (it picks the structured-output strategy, fails the run early on
    a bad key or model, and warms the provider's prompt cache for what follows). Then each part
    gets a record in the cache database (table ``batches``, keyed by provider, base URL and
    the part's digest: what was submitted) before it is created, and its batch id right after.
-   A re-run computes the same parts, finds their records and re-attaches: it never submits
-   the same batch twice, across processes and kernel restarts. The record is a claim, taken in
+   A re-run computes the same parts (a packed run: rebuilds them from the records' rows,
+   however they were grouped), finds their records and re-attaches: it never submits the
+   same batch twice, across processes and kernel restarts. The record is a claim, taken in
    one write transaction and naming its process: a second process running the same call at
    the same time waits for the first one's batch id; a claim whose process died before it
    recorded the id is looked up by the batch's metadata (OpenAI, Azure) or submitted again
@@ -25,6 +30,12 @@ How a batch run goes
    retry (expired, cancelled, a 500) go into one more batch, at most :data:`ROUNDS` batches in
    all, or live through the ordinary scheduler once ``batch_deadline`` has passed or the
    rounds are used up. A batch the provider rejects fails the call with its message.
+6. A packed line's answer is checked id by id by :meth:`PackedPlan.read` and kept by the
+   packer's own keeping, each row cached under its unpacked key. Rows that did not map
+   (missing, duplicated, truncated, invalid) go into the next batch in packs of at most half
+   the size (:func:`~parrot_pandas._packing.halve`); a pack whose line failed in passing goes
+   again whole; one whose line failed for good is halved, so that only a culprit, alone,
+   fails. What is left after the rounds goes live through the live packed path.
 """
 
 from __future__ import annotations
@@ -39,8 +50,8 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -49,15 +60,27 @@ from ._batch import BatchClient
 from ._config import STRUCTURED_STRATEGIES
 from ._events import RunFinished, RunStarted, Usage
 from ._feed import Feed, Job
+from ._packer import auto_bounds, packed_strategy
+from ._packing import PackedPlan, PackResult, halve
 from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
 from ._progress import _AUTO_MIN_ROWS
-from ._scheduler import Scheduler
+from ._scheduler import Scheduler, _message
 from ._secrets import redact_url
+from ._tokens import Tokenizer
 from .errors import APIError, StructuredOutputError, Verdict
-from .providers import Call
+from .providers import Call, Completion
 from .providers._batch import BatchPart, BatchStatus, LineResult
 
-__all__ = ["BATCH_TIMEOUT", "POLL_FIRST", "POLL_MAX", "ROUNDS", "BatchScheduler", "Records"]
+__all__ = [
+    "BATCH_SAMPLED_ROWS",
+    "BATCH_TIMEOUT",
+    "POLL_FIRST",
+    "POLL_MAX",
+    "ROUNDS",
+    "BatchScheduler",
+    "Records",
+    "batch_rows_per_request",
+]
 
 logger = logging.getLogger("parrot_pandas")
 
@@ -82,6 +105,10 @@ _STEM = 40
 _DIGEST_KEY = "parrot_digest"
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
+#: Prompts whose lengths size a batch's packs for rows_per_request="auto".
+BATCH_SAMPLED_ROWS = 256
+# Prompt tokens of a typical row before any was seen (sizing only).
+ASSUMED_ROW_PROMPT = 64.0
 
 
 def _stem(key: str) -> str:
@@ -117,6 +144,9 @@ class Record:
     model: str | None
     custom_ids: tuple[str, ...]
     owner: str | None = None
+    #: In a packed run, each custom id's rows (their stems, in pack order): what a re-run
+    #: rebuilds the batch's lines from, however they were grouped.
+    rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _FIELDS = "provider, base_url, digest, batch_id, state, created, updated, model, custom_ids, owner"
@@ -150,14 +180,24 @@ class Records:
         return _record(row) if row is not None else None
 
     def claim(
-        self, provider: str, base_url: str, part: BatchPart, now: float, seen: Record | None
+        self,
+        provider: str,
+        base_url: str,
+        part: BatchPart,
+        now: float,
+        seen: Record | None,
+        rows: Mapping[str, Sequence[str]] | None = None,
     ) -> bool:
         """Take the right to submit ``part``: written before the create request, so a crash
         after it leaves a trace and a second process waits instead of submitting too.
+        ``rows`` maps each custom id of a packed run to its rows' stems.
 
         ``False`` when the record is no longer ``seen`` (another process claimed or
         submitted the part meanwhile): look again.
         """
+        ids: Any = list(part.custom_ids)
+        if rows:
+            ids = {"ids": ids, "rows": {cid: list(rows[cid]) for cid in part.custom_ids}}
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             row = self._conn.execute(
@@ -169,16 +209,7 @@ class Records:
             self._conn.execute(
                 f"INSERT OR REPLACE INTO batches ({_FIELDS}) "
                 "VALUES (?, ?, ?, NULL, 'submitting', ?, ?, ?, ?, ?)",
-                (
-                    provider,
-                    base_url,
-                    part.digest,
-                    now,
-                    now,
-                    part.model,
-                    json.dumps(part.custom_ids),
-                    _ME,
-                ),
+                (provider, base_url, part.digest, now, now, part.model, json.dumps(ids), _ME),
             )
             return True
         finally:
@@ -200,10 +231,12 @@ class Records:
 
 def _record(row: tuple[Any, ...]) -> Record:
     provider, base_url, digest, batch_id, state, created, updated, model, ids, owner = row
-    return Record(
-        provider, base_url, digest, batch_id, state, created, updated, model,
-        tuple(json.loads(ids)), owner,
-    )  # fmt: skip
+    facts = (provider, base_url, digest, batch_id, state, created, updated, model)
+    listed = json.loads(ids)
+    if isinstance(listed, dict):  # a packed run's: custom ids and their rows
+        rows = {cid: tuple(stems) for cid, stems in listed["rows"].items()}
+        return Record(*facts, tuple(listed["ids"]), owner, rows)
+    return Record(*facts, tuple(listed), owner)
 
 
 def being_submitted(record: Record, now: float) -> bool:
@@ -234,10 +267,47 @@ def record_state(status: BatchStatus) -> str:
 
 @dataclass
 class _Line:
+    """One request of a batch: one row's (``packed`` ``None``) or a pack of rows'."""
+
     custom_id: str
-    job: Job
+    jobs: tuple[Job, ...]
     want: int
     call: Call
+    packed: PackedPlan | None = None
+
+    @property
+    def job(self) -> Job:
+        return self.jobs[0]
+
+
+def _settled(job: Job) -> bool:
+    # Finished (its answers maybe not yet durable, so not yet ``done``) or failed.
+    return job.done or job.values is not None
+
+
+def batch_rows_per_request(packed: PackedPlan, prompts: Sequence[str]) -> int:
+    """The rows a batch line packs for ``rows_per_request="auto"``: a fixed size.
+
+    What ``"auto"`` starts a live run with when no rate limit is known
+    (:data:`~parrot_pandas._packing.DEFAULT_AUTO_ROWS`, 10), or fewer when the model's context
+    window or output cap cannot hold that many rows of these prompts with their ``max_tokens``
+    (:func:`~parrot_pandas._packer.auto_bounds`). A batch is not held to the per-minute
+    limits, so they play no part; and the size stays fixed, since nothing is learnt from a
+    batch's failures before it has ended. Rows' lengths come from the first
+    :data:`BATCH_SAMPLED_ROWS` prompts, counted without a tokenizer (the estimate counts
+    the same way, so it quotes the run's size).
+    """
+    counter = Tokenizer(None)
+    sample = prompts[:BATCH_SAMPLED_ROWS]
+    row = (
+        sum(packed.row_tokens(counter, p) for p in sample) / len(sample)
+        if sample
+        else ASSUMED_ROW_PROMPT
+    )
+    target, ceiling = auto_bounds(
+        packed, rpm=None, tpm=None, shared=packed.shared_tokens(counter), row_prompt=row
+    )
+    return max(1, min(target, ceiling))
 
 
 class BatchScheduler(Scheduler):
@@ -276,6 +346,11 @@ class BatchScheduler(Scheduler):
         self.cache_read = 0
         self.cache_written = 0
         self._waiting: list[str] = []
+        # Packing (rows_per_request other than 1): the same packed plans as the live path.
+        self._ends: tuple[str, str] = kwargs.get("template_ends", ("", ""))
+        self._packed_plans: dict[str, PackedPlan] = {}
+        self._repacked: set[int] = set()
+        self._read: set[str] = set()  # digests of the parts whose results this run read
         config = self.plan.config
         self._provider_name = config.provider
         self._base_url = redact_url(config.base_url)
@@ -353,8 +428,12 @@ class BatchScheduler(Scheduler):
     # -- rounds ------------------------------------------------------------------------------
 
     async def _batches(self, jobs: list[Job], feed: Feed, records: Records) -> None:
-        lines = self._known(jobs, feed, records)
-        if lines is None:
+        if self._packer is not None:
+            groups = self._known_packs(jobs, feed, records)
+        else:
+            known = self._known(jobs, feed, records)
+            groups = [known] if known is not None else []
+        if not groups:
             # No batch of this call exists yet: one row goes live first, the scheduler's setup
             # request (strategy, bad key or model found for one row's price; and a warm
             # prompt cache for the batch, which reads nothing from a cold one).
@@ -364,107 +443,217 @@ class BatchScheduler(Scheduler):
             # computes the same batch lines (without that row) and finds their record.
             assert self.cache is not None
             self.cache.flush()
-            jobs = [job for job in jobs if not job.done]
-            lines = self._lines(jobs, feed)
+        covered = {id(job) for group in groups for line in group for job in line.jobs}
+        fresh = [job for job in jobs if not _settled(job) and id(job) not in covered]
+        if fresh:
+            groups.append(self._lines(self._packs(fresh), feed))
         for round_ in range(1, ROUNDS + 1):
-            if not lines:
+            groups = [group for group in groups if group]
+            if not groups:
                 return
             if round_ > 1:
-                self.resubmitted += len(lines)
-            retry = await self._round(lines, records)
-            lines = self._lines(retry, feed) if retry else []
-            if lines and (round_ == ROUNDS or self._past_deadline()):
+                self.resubmitted += sum(len(group) for group in groups)
+            again = await self._round(groups, records)
+            groups = [self._lines(again, feed)] if again else []
+            if groups and (round_ == ROUNDS or self._past_deadline()):
                 break
-        if lines:
-            pending = list(dict.fromkeys(line.job for line in lines))
+        pending = list(dict.fromkeys(job for group in groups for ln in group for job in ln.jobs))
+        if pending:
             why = "batch_deadline has passed" if self._past_deadline() else "after two batches"
             logger.info("%d row(s) still unanswered %s: sent live", len(pending), why)
             self.live_fallback += sum(job.rows for job in pending)
             await self._run_workers(iter(pending), [], None, workers=len(pending))
 
-    def _known(self, jobs: list[Job], feed: Feed, records: Records) -> list[_Line] | None:
-        """The lines of a batch this call already submitted, or ``None``.
+    def _plans(self) -> list[Any]:
+        """The plans a submitted batch's lines may have used: an earlier run may have moved
+        ``structured="auto"`` to a later strategy at its setup request."""
+        plans = [self.plan]
+        if self._probing and self.plan.strategy in STRUCTURED_STRATEGIES:
+            later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) + 1 :]
+            plans += [self.plan.with_strategy(strategy) for strategy in later]
+        return plans
 
-        An earlier run may have moved ``structured="auto"`` to a later strategy at its setup
-        request, so its lines are looked for with each strategy the run may use (the plan
+    def _known(self, jobs: list[Job], feed: Feed, records: Records) -> list[_Line] | None:
+        """The lines of a batch this call already submitted, or ``None`` (unpacked runs).
+
+        Its lines are looked for with each plan the run may use (:meth:`_plans`; the plan
         takes the one found).
         """
         protocol = self.client.protocol
         # Cheap first: a record naming one of these jobs (custom ids come from cache keys,
         # whatever the strategy); most first runs stop here without encoding a line.
-        recorded = {
-            cid[:_STEM]
-            for record in records.all()
-            if record.provider == self._provider_name and record.base_url == self._base_url
-            for cid in record.custom_ids
-        }
+        recorded = {cid[:_STEM] for record in self._ours(records) for cid in record.custom_ids}
         if not any(_stem(job.key) in recorded for job in jobs):
             return None
-        plans = [self.plan]
-        if self._probing and self.plan.strategy in STRUCTURED_STRATEGIES:
-            later = STRUCTURED_STRATEGIES[STRUCTURED_STRATEGIES.index(self.plan.strategy) + 1 :]
-            plans += [self.plan.with_strategy(strategy) for strategy in later]
         first = self.plan
-        for plan in plans:
+        singles = [[job] for job in jobs]
+        for plan in self._plans():
             self.plan = plan
-            lines = self._lines(jobs, feed)
+            lines = self._lines(singles, feed)
             parts = protocol.parts([(line.custom_id, line.call) for line in lines])
             if any(self._found(records, part) is not None for part in parts):
                 return lines
         self.plan = first
         return None
 
+    def _known_packs(self, jobs: list[Job], feed: Feed, records: Records) -> list[list[_Line]]:
+        """The lines of each batch of a packed run that this call submitted and whose answers
+        may not be in the cache, rebuilt from its record's rows (a re-run re-attaches to it).
+
+        A record whose rows are not all still to send (some answered since), or whose lines
+        come out other than submitted, is left: its rows go into a new batch.
+        """
+        protocol = self.client.protocol
+        by_stem = {_stem(job.key): job for job in jobs}
+        first = self.plan
+        groups: list[list[_Line]] = []
+        for record in self._ours(records):
+            if not record.rows or record.state == "ended:failed":
+                continue
+            packs: list[list[Job]] = []
+            seen: set[tuple[str, ...]] = set()
+            for cid in record.custom_ids:
+                stems = record.rows.get(cid, ())
+                if stems in seen:
+                    continue  # another sample's line of the same pack
+                seen.add(stems)
+                pack = [by_stem.get(stem) for stem in stems]
+                if not pack or any(job is None or _settled(job) for job in pack):
+                    break
+                packs.append(pack)  # type: ignore[arg-type]
+            else:
+                for plan in self._plans():
+                    self.plan = plan
+                    lines = self._lines(packs, feed)
+                    parts = protocol.parts([(line.custom_id, line.call) for line in lines])
+                    if [part.digest for part in parts] == [record.digest]:
+                        groups.append(lines)
+                        first = plan
+                        break
+                self.plan = first
+        return groups
+
+    def _ours(self, records: Records) -> list[Record]:
+        return [
+            record
+            for record in records.all()
+            if record.provider == self._provider_name and record.base_url == self._base_url
+        ]
+
     def _past_deadline(self) -> bool:
         return self._deadline is not None and self._wall() >= self._deadline
 
-    def _lines(self, jobs: Iterable[Job], feed: Feed) -> list[_Line]:
+    def _packs(self, jobs: list[Job]) -> list[list[Job]]:
+        """Fresh jobs grouped as lines: one each, or ``rows_per_request`` consecutive jobs."""
+        if self._packer is None:
+            return [[job] for job in jobs]
+        size = self.plan.config.rows_per_request
+        if size == "auto":
+            size = batch_rows_per_request(
+                self._packed(), [job.prompt for job in jobs[:BATCH_SAMPLED_ROWS] if job.prompt]
+            )
+        return [jobs[start : start + int(size)] for start in range(0, len(jobs), int(size))]
+
+    def _packed(self) -> PackedPlan:
+        """The packed plan of the run's current plan: what the live packed path would send."""
+        strategy = packed_strategy(self.plan)
+        key = f"{self.plan.strategy}/{strategy}"
+        packed = self._packed_plans.get(key)
+        if packed is None:
+            packed = self._packed_plans[key] = PackedPlan(self.plan, *self._ends, strategy)
+        return packed
+
+    def _lines(self, packs: Iterable[Sequence[Job]], feed: Feed) -> list[_Line]:
+        """Each pack's lines: a job alone is asked as unpacked (custom id from its key); a
+        pack of jobs as a packed request (custom id from its jobs' keys, ids ``1..K`` inside),
+        asking what its neediest row lacks. One line per request :meth:`Feed.asks` wants."""
         lines: list[_Line] = []
         plan = self.plan
-        for job in jobs:
-            if job.done or job.prompt is None:
+        for pack in packs:
+            jobs = tuple(job for job in pack if not _settled(job) and job.prompt is not None)
+            if not jobs:
                 continue
-            asks = feed.asks(job)
-            stem = _stem(job.key)
+            packed: PackedPlan | None = None
+            if len(jobs) == 1:
+                asks = feed.asks(jobs[0])
+                stem = _stem(jobs[0].key)
+            else:
+                packed = self._packed()
+                asks = max((feed.asks(job) for job in jobs), key=sum)
+                stem = "p" + _stem("\n".join(job.key for job in jobs))[1:]
+            prompts = [job.prompt for job in jobs]
             for i, want in enumerate(asks):
                 cid = stem if len(asks) == 1 else f"{stem}-s{i}"
-                lines.append(_Line(cid, job, want, plan.call(job.prompt, want)))
+                call = (
+                    plan.call(prompts[0], want)  # type: ignore[arg-type]
+                    if packed is None
+                    else packed.call(prompts, want)  # type: ignore[arg-type]
+                )
+                lines.append(_Line(cid, jobs, want, call, packed))
         return lines
 
     def _found(self, records: Records, part: BatchPart) -> Any:
         return records.find(self._provider_name, self._base_url, part.digest)
 
-    async def _round(self, lines: list[_Line], records: Records) -> list[Job]:
-        """Submit (or re-attach to) every part of ``lines``, wait, keep the answers; return
-        the jobs with lines worth another try."""
+    async def _round(self, groups: list[list[_Line]], records: Records) -> list[list[Job]]:
+        """Submit (or re-attach to) every part of each group of lines, wait, keep the
+        answers; return the jobs worth another try, grouped as their lines go next (a pack's
+        unmapped rows in halves, a pack whose line failed in passing whole)."""
         protocol = self.client.protocol
+        lines = [line for group in groups for line in group]
         by_id = {line.custom_id: line for line in lines}
-        parts = protocol.parts([(line.custom_id, line.call) for line in lines])
-        statuses = [await self._attach_or_submit(records, part) for part in parts]
+        parts = [
+            part
+            for group in groups
+            for part in protocol.parts([(line.custom_id, line.call) for line in group])
+        ]
+        statuses = [await self._attach_or_submit(records, part, by_id) for part in parts]
         ended = await self._wait_all(statuses, parts, records)
-        retry: dict[int, Job] = {}
+        whole: set[tuple[int, ...]] = set()  # packs (by their jobs) to send again as they are
+        unmapped: dict[tuple[int, ...], dict[int, Job]] = {}  # per pack, rows to re-ask
         for part, status in zip(parts, ended, strict=True):
             calls = [(cid, by_id[cid].call) for cid in part.custom_ids]
             results = await self.client.results(status, calls)
             for cid, result in results.items():
                 line = by_id[cid]
-                if self._take(line, result):
-                    retry[id(line.job)] = line.job
+                key = tuple(id(job) for job in line.jobs)
+                if line.packed is None:
+                    if self._take(line, result):
+                        whole.add(key)
+                    continue
+                failed, again = self._take_pack(line, result)
+                if again:
+                    whole.add(key)
+                unmapped.setdefault(key, {}).update((id(job), job) for job in failed)
+            self._read.add(part.digest)
             records.update(
                 self._provider_name, self._base_url, part.digest, "collected", self._wall()
             )
+        retry: list[list[Job]] = []
+        for jobs in dict.fromkeys(line.jobs for line in lines):
+            key = tuple(id(job) for job in jobs)
+            if key in whole:
+                retry.append([job for job in jobs if not _settled(job)])
+            elif unmapped.get(key):
+                retry += halve(
+                    [job for job in unmapped[key].values() if not _settled(job)], len(jobs)
+                )
         # A job whose lines all came back, none worth another try, is finished now (the
         # lines of one job may sit in two parts: only now have all of them been read).
-        for line in lines:
-            job = line.job
-            if job.done or id(job) in retry:
-                continue
-            if len(job.samples) >= self._n:
-                self._finish(job, cached=False)
-            else:
-                self._end(job, StructuredOutputError("the batch returned fewer answers than n"))
-        return list(retry.values())
+        pending = {id(job) for pack in retry for job in pack}
+        for jobs in dict.fromkeys(line.jobs for line in lines):
+            for job in jobs:
+                if _settled(job) or id(job) in pending:
+                    continue
+                if len(job.samples) >= self._n:
+                    self._finish(job, cached=False)
+                else:
+                    self._end(job, StructuredOutputError("the batch returned fewer answers than n"))
+        return [pack for pack in retry if pack]
 
-    async def _attach_or_submit(self, records: Records, part: BatchPart) -> BatchStatus:
+    async def _attach_or_submit(
+        self, records: Records, part: BatchPart, lines: Mapping[str, _Line]
+    ) -> BatchStatus:
         while True:
             record = self._found(records, part)
             if record is not None and being_submitted(record, self._wall()):
@@ -476,11 +665,24 @@ class BatchScheduler(Scheduler):
             if record is not None and batch_id is None and record.state == "submitting":
                 # A crash between the create request and its record: the batch may exist.
                 batch_id = await self._orphan(part, record.created)
-            if batch_id is not None and record is not None and record.state != "ended:failed":
+            # A batch this run has read (or one rejected) is never attached to again: the same
+            # lines once more are lines to resubmit (they all expired, say). One read by a run
+            # that then crashed is, as its answers may not have reached the cache.
+            if (
+                batch_id is not None
+                and record is not None
+                and record.state != "ended:failed"
+                and part.digest not in self._read
+            ):
                 logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
                 status = await self._look(records, part, batch_id)
                 break
-            if not records.claim(self._provider_name, self._base_url, part, self._wall(), record):
+            rows = None
+            if self._packer is not None:
+                rows = {cid: [_stem(job.key) for job in lines[cid].jobs] for cid in part.custom_ids}
+            if not records.claim(
+                self._provider_name, self._base_url, part, self._wall(), record, rows
+            ):
                 continue  # another process claimed the part first: look again
             _SUBMITTING.add(part.digest)
             try:
@@ -572,17 +774,11 @@ class BatchScheduler(Scheduler):
         """Keep one line's answer as a live one would be kept; ``True`` when it is worth
         another try."""
         job = line.job
-        if job.done:
+        completion = self._bill(result)  # billed whatever became of its row
+        if _settled(job):
             return False
-        self.usage.requests += 1
         problem: Exception | None = result.error
-        if result.completion is not None:
-            completion = result.completion
-            for usage in (self.usage, self.batch_usage):
-                usage.prompt_tokens += completion.prompt_tokens
-                usage.completion_tokens += completion.completion_tokens
-            self.cache_read += result.cache.read
-            self.cache_written += result.cache.written
+        if completion is not None:
             answers, unusable, judged = self._judge(completion, line.want)
             if answers:
                 self._keep(job, answers)
@@ -597,6 +793,53 @@ class BatchScheduler(Scheduler):
             return True
         self._end(job, problem)
         return False
+
+    def _take_pack(self, line: _Line, result: LineResult) -> tuple[list[Job], bool]:
+        """Keep a packed line's answer row by row, as the live packed path keeps it
+        (:meth:`PackedPlan.read`, then the packer's own keeping); return the rows to ask
+        again in halves, and whether the whole pack goes again as it is.
+
+        A line that failed in passing (expired, cancelled, a 5xx) sends the pack again; one
+        that failed for good (too long, filtered, refused), like a live packed request with a
+        ``row`` verdict, has its rows asked again in halves, so that only a culprit, alone,
+        fails, by the unpacked rules.
+        """
+        packer, packed = self._packer, line.packed
+        assert packer is not None and packed is not None
+        completion = self._bill(result)
+        live = [i for i, job in enumerate(line.jobs) if not _settled(job)]
+        if not live:
+            return [], False
+        packer.packed_requests += 1
+        packer.packed_rows += len(line.jobs)
+        packer.largest = max(packer.largest, len(line.jobs))
+        if completion is not None:
+            mapped = packed.read(completion, len(line.jobs), line.want)
+        else:
+            error = result.error
+            verdict = getattr(error, "verdict", None) or Verdict("row", False, "unknown")
+            if isinstance(error, APIError) and verdict.retry:
+                return [], True
+            mapped = PackResult.failed(len(line.jobs), verdict.reason, _message(error))
+        group = [line.jobs[i] for i in live]
+        failed, _ = packer._keep(group, PackResult([mapped.rows[i] for i in live], mapped.unknown))
+        for job in failed:
+            if id(job) not in self._repacked:
+                self._repacked.add(id(job))
+                packer.repacked_rows += job.rows
+        return failed, False
+
+    def _bill(self, result: LineResult) -> Completion | None:
+        """Count one line's request and the tokens it billed (at the batch price)."""
+        self.usage.requests += 1
+        completion = result.completion
+        if completion is not None:
+            for usage in (self.usage, self.batch_usage):
+                usage.prompt_tokens += completion.prompt_tokens
+                usage.completion_tokens += completion.completion_tokens
+            self.cache_read += result.cache.read
+            self.cache_written += result.cache.written
+        return completion
 
 
 def _batch_refused(exc: APIError) -> APIError:
@@ -669,51 +912,43 @@ class BatchBar:
 
 def with_batch_figures(estimate: Any, rpm: float | None) -> Any:
     """``estimate`` (the Series of :func:`~._estimate.estimate`) with the batch figures, and
-    ``estimate.attrs["modes"]``: live, live packed and batch side by side.
+    ``estimate.attrs["modes"]``: live, live packed, batch and batch packed side by side.
 
     A batch run sends its first row live (the setup request), the rest at the batch price.
-    There is no "batch packed" mode: packing inside a batch is not supported yet
-    (``batch=True`` with ``rows_per_request`` other than 1 is refused), so no run could
-    deliver that figure.
+    The packed modes are there with ``rows_per_request`` other than 1; ``batch packed`` is
+    the estimate's own ``batch_packed_*`` figures (a batch packs as a live run does, and
+    prices its setup request live and its packs at the batch price), so the two savings
+    multiply.
     """
     model = estimate["model"]
     rows = max(estimate["rows"] - estimate["skipped_rows"] - estimate["cached_rows"], 0)
     modes: dict[str, dict[str, Any]] = {}
 
-    def mode(name: str, requests: int, prompt: int, completion: int | None) -> None:
-        one_live = 1 if requests else 0
-        share = one_live / requests if requests else 0.0
-        live = cost(model, prompt, completion)
-        price = None
-        if live is not None:
-            price = live if not name.startswith("batch") else live * (share + (1 - share) / 2)
-        seconds: Any = None
-        if name.startswith("batch"):
-            seconds = "within 24 h"
-        elif rpm:
+    def mode(name: str, prefix: str, price: float | None) -> None:
+        requests = estimate[f"{prefix}requests"]
+        seconds: Any = "within 24 h" if name.startswith("batch") else None
+        if seconds is None and rpm:
             seconds = round(requests / rpm * 60, 1)
         modes[name] = {
             "requests": requests,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
+            "prompt_tokens": estimate[f"{prefix}prompt_tokens"],
+            "completion_tokens": estimate[f"{prefix}completion_tokens"],
             "cost": price,
             "expected_seconds": seconds,
         }
 
-    for prefix, key in (("", ""), ("packed_", " packed")):
-        if f"{prefix}requests" not in estimate:
-            continue
-        requests = estimate[f"{prefix}requests"]
-        prompt, completion = (
-            estimate[f"{prefix}prompt_tokens"],
-            estimate[f"{prefix}completion_tokens"],
-        )
-        mode(f"live{key}", requests, prompt, completion)
-        if not key:
-            mode("batch", requests, prompt, completion)
+    live = cost(model, estimate["prompt_tokens"], estimate["completion_tokens"])
+    requests = estimate["requests"]
+    # One request of the batch mode goes live (the setup request): its share at full price.
+    share = 1 / requests if requests else 0.0
+    mode("live", "", live)
+    if "packed_requests" in estimate:
+        mode("live packed", "packed_", estimate["packed_cost"])
+    mode("batch", "", None if live is None else live * (share + (1 - share) * BATCH_DISCOUNT))
+    if "batch_packed_requests" in estimate:
+        mode("batch packed", "batch_packed_", estimate["batch_packed_cost"])
     out = estimate.copy()
     out["batch_cost"] = modes["batch"]["cost"]
-    order = [m for m in ("live", "live packed", "batch") if m in modes]
-    out.attrs["modes"] = pd.DataFrame([modes[m] for m in order], index=pd.Index(order, name="mode"))
+    out.attrs["modes"] = pd.DataFrame(list(modes.values()), index=pd.Index(modes, name="mode"))
     out.attrs["modes"].attrs["rows_to_send"] = rows
     return out

@@ -596,13 +596,6 @@ def _check_batch(settings: Mapping[str, Any], provider: str) -> None:
             f"provider {provider!r} has no Batch API; pass batch=False, or use provider "
             "'openai', 'azure' or 'anthropic'"
         )
-    rows_per_request = settings.get("rows_per_request", 1)
-    if batch and rows_per_request != 1:
-        raise ConfigurationError(
-            f"batch=True cannot pack rows (rows_per_request={rows_per_request!r}): pass "
-            "rows_per_request=1 with batch=True, or batch=False to pack live requests; packing "
-            "inside a batch is not supported yet"
-        )
     if batch and settings.get("cache", True) is False:
         raise ConfigurationError(
             "batch=True keeps its batch records and answers in the cache database, so that a "

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ._batch_run import BATCH_SAMPLED_ROWS, batch_rows_per_request
 from ._cache import open_cache
 from ._events import RowsDone, RunStats
 from ._feed import Feed, Job
 from ._packer import auto_bounds, packed_strategy
 from ._packing import PackedPlan, template_ends
-from ._pricing import cost, price_of
+from ._pricing import batch_cost, cost, price_of
 from ._tokens import Tokenizer, tokenizer
 
 if TYPE_CHECKING:
@@ -75,6 +76,16 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
         - ``packed_completion_tokens``: packed ``max_tokens`` x samples asked, per request
         - ``packed_cost``: USD, as ``cost``
 
+        and for ``batch=True`` with the same ``rows_per_request`` (a batch packs the same way,
+        but ``"auto"`` is a fixed size there:
+        :func:`~parrot_pandas._batch_run.batch_rows_per_request`, not bound by ``rpm`` or
+        ``tpm``):
+
+        - ``batch_rows_per_request``, ``batch_packed_requests``,
+          ``batch_packed_prompt_tokens``, ``batch_packed_completion_tokens``: as above
+        - ``batch_packed_cost``: USD, the setup request (one row, live) at the live price and
+          the packs at the batch price
+
     Examples
     --------
     >>> df.llm.estimate("Summarize: ${text}", max_tokens=200)  # doctest: +SKIP
@@ -92,7 +103,12 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
 
     sent: list[Job] = []
     requests = prompt_tokens = samples_asked = 0
-    packing = _Packing(plan, template, counter) if config.rows_per_request != 1 else None
+    packing = batch_packing = None
+    if config.rows_per_request != 1:
+        packing = _Packing(plan, template, counter)
+        # "auto" packs a batch by its own rule; an int packs both alike (counted once).
+        if config.rows_per_request == "auto":
+            batch_packing = _Packing(plan, template, counter, batch=True)
     cache = None if config.refresh else open_cache(config.cache, readonly=True)
     try:
         feed = Feed(plan, finish=cached, cache=cache, emit=stats)
@@ -102,8 +118,9 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
             requests += len(asks)
             samples_asked += sum(asks)
             prompt_tokens += len(asks) * (counter.messages(plan.messages(job.prompt)) + structured)
-            if packing is not None:
-                packing.add(job.prompt, asks)
+            for counting in (packing, batch_packing):
+                if counting is not None:
+                    counting.add(job.prompt, asks)
             job.prompt = None  # counted; only the number of rows sharing it is still needed
             sent.append(job)
     finally:
@@ -129,6 +146,15 @@ def estimate(frame: pd.DataFrame, template: PromptTemplate, plan: RequestPlan) -
     }
     if packing is not None:
         facts.update(packing.facts())
+        batching = batch_packing or packing
+        batch_facts = batching.facts() if batch_packing is not None else facts
+        facts.update(
+            batch_rows_per_request=batch_facts["rows_per_request"],
+            batch_packed_requests=batch_facts["packed_requests"],
+            batch_packed_prompt_tokens=batch_facts["packed_prompt_tokens"],
+            batch_packed_completion_tokens=batch_facts["packed_completion_tokens"],
+            batch_packed_cost=batching.batch_cost(),
+        )
     return pd.Series(facts, name="estimate", dtype=object)
 
 
@@ -143,13 +169,21 @@ class _Packing:
     """The packed figures of an estimate: the feed's jobs grouped as a packed run groups them.
 
     The first job goes alone (the setup request); the rest go in packs of ``rows_per_request``
-    consecutive jobs, as workers take them. For ``"auto"`` the size comes from the first
-    :data:`_SAMPLE` jobs' prompts, so they are held until it is known.
+    consecutive jobs, as workers take them (or as a batch run lines them up, ``batch=True``).
+    For ``"auto"`` the size comes from the first :data:`_SAMPLE` jobs' prompts, so they are
+    held until it is known.
     """
 
-    _SAMPLE = 256
+    _SAMPLE = BATCH_SAMPLED_ROWS
 
-    def __init__(self, plan: RequestPlan, template: PromptTemplate, counter: Tokenizer) -> None:
+    def __init__(
+        self,
+        plan: RequestPlan,
+        template: PromptTemplate,
+        counter: Tokenizer,
+        *,
+        batch: bool = False,
+    ) -> None:
         config = plan.config
         strategy = packed_strategy(plan)
         self.plan = plan
@@ -166,7 +200,10 @@ class _Packing:
         self._single = _structured_tokens(plan, counter)
         self._pending: list[tuple[str, list[int]]] = []
         self._first = True
+        self._batch = batch
         self.requests = self.prompt_tokens = self.completion_tokens = 0
+        # The setup request's tokens: billed live even in a batch run.
+        self.setup_prompt = self.setup_completion = 0
         self._bounded = config.max_output_tokens is not None
 
     def add(self, prompt: str, asks: list[int]) -> None:
@@ -178,6 +215,7 @@ class _Packing:
                 self.counter.messages(self.plan.messages(prompt)) + self._single
             )
             self._output(1, sum(asks), unpacked=True)
+            self.setup_prompt, self.setup_completion = self.prompt_tokens, self.completion_tokens
             return
         self._pending.append((prompt, asks))
         if self.size is None and len(self._pending) >= self._SAMPLE:
@@ -190,6 +228,9 @@ class _Packing:
     def _choose(self) -> None:
         config = self.plan.config
         prompts = [prompt for prompt, _ in self._pending]
+        if self._batch:
+            self.size = batch_rows_per_request(self.packed, prompts)
+            return
         row = sum(self.packed.row_tokens(self.counter, p) for p in prompts) / max(len(prompts), 1)
         target, ceiling = auto_bounds(
             self.packed,
@@ -239,3 +280,17 @@ class _Packing:
             "packed_completion_tokens": completion,
             "packed_cost": cost(model, self.prompt_tokens, completion),
         }
+
+    def batch_cost(self) -> float | None:
+        """USD in a batch run (after :meth:`facts`): the setup request at the live price, the
+        packs at the batch price."""
+        model = self.plan.config.model
+        if not self._bounded:
+            return None
+        setup = cost(model, self.setup_prompt, self.setup_completion)
+        packs = batch_cost(
+            model,
+            self.prompt_tokens - self.setup_prompt,
+            self.completion_tokens - self.setup_completion,
+        )
+        return None if setup is None or packs is None else setup + packs

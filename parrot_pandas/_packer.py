@@ -332,25 +332,10 @@ class Packer:
         self.packed_requests += 1
         self.packed_rows += len(group)
         completion, _ = await scheduler._exchange(call, cost, reserved)
-        texts: list[str | None] = list(completion.texts[:want])
-        cut = [False] * len(texts)
-        others: list[StructuredOutputError] = []
-        for problem in completion.problems:
-            if problem.verdict.reason == "truncated":
-                texts.append(None)
-                cut.append(True)
-            else:
-                others.append(problem)
-        result = packed.check(texts, len(group), truncated=cut)
-        for problem in others:
-            # A filtered or refused sample, or one with no structure: every row lacks it.
-            for row in result.rows:
-                row.fail(problem.verdict.reason, problem.message)
-        if not texts and not others:
-            for row in result.rows:
-                row.fail("invalid_answer", "the server returned no answer")
-        samples = len(texts) + len(others)
-        oversized = any(cut) and scheduler.plan.config.max_output_tokens is None
+        result = packed.read(completion, len(group), want)
+        samples = min(len(completion.texts), want) + len(completion.problems)
+        cut = any(p.verdict.reason == "truncated" for p in completion.problems)
+        oversized = cut and scheduler.plan.config.max_output_tokens is None
         if self.auto:
             self._sizer.observe(len(group) * max(samples, 1), result.mapped, oversized=oversized)
         return result

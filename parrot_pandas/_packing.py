@@ -116,7 +116,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._tokens import approximate_tokens
 from .errors import StructuredOutputError
-from .providers import Call
+from .providers import Call, Completion
 
 if TYPE_CHECKING:
     from ._plan import RequestPlan
@@ -430,6 +430,32 @@ class PackedPlan:
         for index, text in enumerate(texts):
             cut = index < len(truncated) and bool(truncated[index])
             self._check_sample(text, cut, result)
+        return result
+
+    def read(self, completion: Completion, rows: int, want: int) -> PackResult:
+        """Map a packed request's answer (a live response or a batch line's) to its rows.
+
+        :meth:`check` on the usable texts (at most ``want``) and the samples cut off at the
+        output limit; a sample the provider judged unusable for another reason (filtered,
+        refused, no structure) fails every row with its reason, and an answer with no sample
+        at all fails every row as ``invalid_answer``.
+        """
+        texts: list[str | None] = list(completion.texts[:want])
+        cut = [False] * len(texts)
+        others: list[StructuredOutputError] = []
+        for problem in completion.problems:
+            if problem.verdict.reason == "truncated":
+                texts.append(None)
+                cut.append(True)
+            else:
+                others.append(problem)
+        result = self.check(texts, rows, truncated=cut)
+        for problem in others:
+            for row in result.rows:
+                row.fail(problem.verdict.reason, problem.message)
+        if not texts and not others:
+            for row in result.rows:
+                row.fail("invalid_answer", "the server returned no answer")
         return result
 
     def _check_sample(self, text: str | None, cut: bool, result: PackResult) -> None:

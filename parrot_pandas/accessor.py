@@ -376,12 +376,13 @@ class LLMAccessor:
             (``None`` when the model's price is unknown: never a guess) and ``tokenizer``.
             With ``rows_per_request``, also ``rows_per_request`` (the rows a pack would hold),
             ``packed_requests``, ``packed_prompt_tokens``, ``packed_completion_tokens`` and
-            ``packed_cost``: the same run with several rows per request. Also ``batch_cost``
-            (``batch=True``: the first row live, the rest at half price; one row per
-            request, as packing inside a batch is not supported yet). ``.attrs["modes"]``
-            puts live, live packed (with ``rows_per_request``) and batch side by side:
-            requests, tokens, cost and the expected time (live: from ``rpm``; a batch:
-            within 24 hours).
+            ``packed_cost``: the same run with several rows per request, and the
+            ``batch_rows_per_request``, ``batch_packed_*`` figures of the same with
+            ``batch=True``. Also ``batch_cost`` (``batch=True``: the first row live, the rest
+            at half price). ``.attrs["modes"]`` puts live, live packed, batch and batch
+            packed (the packed ones with ``rows_per_request``) side by side: requests,
+            tokens, cost and the expected time (live: from ``rpm``; a batch: within 24
+            hours).
 
         Raises
         ------

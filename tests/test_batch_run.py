@@ -157,9 +157,6 @@ def test_a_rejected_batch_fails_the_call_with_the_providers_message(srv, batches
         ({"batch": True, "batch_deadline": -1}, "batch_deadline must be"),
         ({"batch": True, "batch_deadline": datetime.timedelta(0)}, "batch_deadline must be"),
         ({"batch": True, "cache": False}, "pass cache=True"),
-        # Packing inside a batch is not implemented: refused, not silently unpacked.
-        ({"batch": True, "rows_per_request": 5}, "pass rows_per_request=1 with batch=True"),
-        ({"batch": True, "rows_per_request": "auto"}, "or batch=False to pack live"),
     ],
 )
 def test_batch_settings_are_checked_before_any_request(srv, batches, options, match):
@@ -173,10 +170,11 @@ import sys
 import pandas as pd
 import parrot_pandas
 url, cache, key = sys.argv[1:4]
+rows_per_request = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 texts = [f"name=N{i}, year={1900 + i}" for i in range(6)]
 pd.DataFrame({"text": texts}).llm.extract(
     "${text}", {"name": str, "year": int}, api_key=key, base_url=url, model="gpt-4o-mini",
-    batch=True, cache=cache, progress=False,
+    batch=True, cache=cache, progress=False, rows_per_request=rows_per_request,
 )
 """
 
@@ -381,22 +379,6 @@ def test_estimate_puts_live_and_batch_side_by_side(tmp_path):
     assert est["batch_cost"] == batch["cost"]
 
 
-def test_a_packed_estimate_quotes_no_batch_packed_figure(tmp_path):
-    # No run packs inside a batch, so the estimate must not price one.
-    est = frame(11).llm.estimate(
-        "${text}",
-        fields={"name": str, "year": int},
-        max_tokens=50,
-        rows_per_request=5,
-        cache=str(tmp_path / "c.sqlite3"),
-    )
-    modes = est.attrs["modes"]
-    assert list(modes.index) == ["live", "live packed", "batch"]
-    assert "batch_packed_cost" not in est
-    assert modes.loc["live packed", "requests"] == est["packed_requests"] == 1 + 2
-    assert modes.loc["batch", "requests"] == est["requests"] == 11
-
-
 async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
     # A plain OpenAI-compatible server (llama.cpp, vLLM): chat answers, /files is a 404.
     async def chat(request: web.Request) -> web.Response:
@@ -427,10 +409,10 @@ async def test_a_server_without_the_batch_endpoints_names_batch_false(tmp_path):
             )
 
 
-def _submit_then_kill(srv: FakeServer, cache: pathlib.Path) -> None:
+def _submit_then_kill(srv: FakeServer, cache: pathlib.Path, rows_per_request: int = 1) -> None:
     """A real child process submits the batch of frame(6), and is killed -9 while waiting."""
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY],
+        [sys.executable, "-c", _CHILD, srv.url, str(cache), KEY, str(rows_per_request)],
         env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])},
     )
     try:
@@ -587,3 +569,247 @@ def test_a_claim_is_waited_for_only_while_its_submitter_can_still_record_it():
     # A recorded batch, or a record written before owners were kept, is never waited for.
     assert not _batch_run.being_submitted(_claim("elsewhere:1", batch_id="b1"), now)
     assert not _batch_run.being_submitted(_claim(None), now)
+
+
+# -- rows_per_request inside a batch: the two savings multiply ---------------------------------
+
+
+def _one_of_each(srv: FakeServer, provider: str) -> dict:
+    if provider == "openai":
+        return {"base_url": srv.url, "model": "gpt-4o-mini"}
+    return {"provider": "anthropic", "base_url": srv.origin, "model": "claude-sonnet-4-5"}
+
+
+def _pack_sizes(cache: str) -> list[list[int]]:
+    """Per batch recorded, oldest first: the rows of each of its lines (from its record)."""
+    records = _batch_run.Records(cache)
+    try:
+        return [[len(record.rows[cid]) for cid in record.custom_ids] for record in records.all()]
+    finally:
+        records.close()
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_packed_batch_gives_the_live_frame_in_fewer_lines(srv, batches, tmp_path, provider):
+    df = frame(13)
+    options = {"api_key": KEY, **_one_of_each(srv, provider)}
+    fields = {"name": str, "year": int}
+    cache = str(tmp_path / "b.sqlite3")
+    out = df.llm.extract("${text}", fields, batch=True, rows_per_request=4, cache=cache, **options)
+    live = df.llm.extract("${text}", fields, cache=str(tmp_path / "l.sqlite3"), **options)
+    pd.testing.assert_frame_equal(out, live)
+    assert out.attrs["llm"]["batch"] and live.attrs["llm"].get("batch") is None
+    facts = out.attrs["llm"]
+    # The setup row live, then 12 rows in 3 lines of 4: one batch.
+    assert batches.stats()["lines"] == 3 and facts["batches"] == 1
+    assert facts["rows_per_request"] == 4 and facts["packed_requests"] == 3
+    assert facts["packed_rows"] == 12 and facts["repacked_rows"] == 0
+    assert facts["requests"] == 1 + 3 and facts["batch_prompt_tokens"] > 0
+    # Every row's answer landed in the per-row cache, under its unpacked key: a live re-run,
+    # unpacked or packed, pays nothing.
+    for size in (1, 5):
+        again = df.llm.extract("${text}", fields, rows_per_request=size, cache=cache, **options)
+        assert again.attrs["llm"]["requests"] == 0
+        pd.testing.assert_frame_equal(again.drop(columns="llm_error", errors="ignore"), live)
+
+
+def test_generate_packs_inside_a_batch_too(srv, batches, tmp_path):
+    df = frame(9)
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini"}
+    out = df.llm.generate(
+        "Say: ${text}",
+        output="said",
+        batch=True,
+        rows_per_request=4,
+        cache=str(tmp_path / "b.sqlite3"),
+        **options,
+    )
+    live = df.llm.generate("Say: ${text}", output="said", cache=False, **options)
+    pd.testing.assert_frame_equal(out, live)
+    assert batches.stats()["lines"] == 2  # 8 rows after the setup row, 4 a line
+
+
+def test_mis_mapped_ids_are_asked_again_in_halves_in_the_next_batch(
+    server_factory, tmp_path, monkeypatch
+):
+    # A server that drops ids, duplicates them with wrong answers, adds unknown ids and
+    # reorders: no row may get another row's answer, and none may be lost.
+    faults = {"drop": 0.2, "duplicate": 0.2, "unknown": 0.3, "reorder": 0.5}
+    srv = server_factory(api_key=KEY, pack_faults=faults, seed=3)
+    batches = FakeBatches.of(srv.app)
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: _advance(batches, s))
+    df = frame(41)
+    cache = str(tmp_path / "c.sqlite3")
+    out = extract(df, srv, batch=True, rows_per_request=8, cache=cache)
+    expected = extract(df, server_factory(api_key=KEY), cache=False)
+    pd.testing.assert_frame_equal(out, expected)
+    stats, facts = srv.stats(), out.attrs["llm"]
+    assert stats["ids_dropped"] > 0 and stats["ids_duplicated"] > 0
+    assert facts["repacked_rows"] > 0 and facts["reask_reasons"].keys() >= {"missing"}
+    # Round one: 40 rows in 5 lines of 8; round two: the unmapped rows, in packs of at most 4.
+    assert batches.stats()["batches"] == 2 and facts["resubmitted_lines"] > 0
+    first, second = _pack_sizes(cache)
+    assert first == [8] * 5 and max(second) <= 4
+
+
+async def _advance(batches: FakeBatches, seconds: float) -> None:
+    batches.advance(seconds)
+
+
+def test_a_pack_line_that_fails_in_passing_goes_again_whole(srv, batches, tmp_path):
+    df = frame(9, extra={5: ", note=BATCH_FAIL"})
+    out = extract(df, srv, batch=True, rows_per_request=4, cache=str(tmp_path / "c.sqlite3"))
+    assert "llm_error" not in out and list(out["year"]) == [1900 + i for i in range(9)]
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and facts["resubmitted_lines"] == 1
+    assert facts["repacked_rows"] == 0  # the pack was not halved: its line failed, not its ids
+
+
+def test_rows_still_unmapped_after_two_batches_go_live_packed(
+    server_factory, tmp_path, monkeypatch
+):
+    srv = server_factory(api_key=KEY, pack_faults={"drop": 0.5}, seed=8)
+    batches = FakeBatches.of(srv.app)
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: _advance(batches, s))
+    df = frame(30)
+    out = extract(df, srv, batch=True, rows_per_request=8, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == [f"N{i}" for i in range(30)] and "llm_error" not in out
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and facts["live_fallback_rows"] > 0
+
+
+def test_a_row_that_fails_for_good_in_a_pack_fails_alone(server_factory, tmp_path, monkeypatch):
+    # The whole pack gets the row's 400 (context length): halved, the culprit ends up alone
+    # and fails by the unpacked rules; the rows packed with it are answered.
+    srv = server_factory(api_key=KEY, faults={"LONGME": "context_length"})
+    batches = FakeBatches.of(srv.app)
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: _advance(batches, s))
+    df = frame(9, extra={6: ", note=LONGME"})
+    out = extract(
+        df, srv, batch=True, rows_per_request=4, errors="coerce", cache=str(tmp_path / "c.sqlite3")
+    )
+    failed = out["llm_error"].notna()
+    assert failed.sum() == 1 and failed["r6"]
+    assert list(out.loc[~failed, "name"]) == [f"N{i}" for i in range(9) if i != 6]
+
+
+def test_auto_packs_a_batch_with_a_fixed_size(srv, batches, tmp_path):
+    df = frame(26)
+    out = extract(df, srv, batch=True, rows_per_request="auto", cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == [f"N{i}" for i in range(26)]
+    facts = out.attrs["llm"]
+    assert facts["rows_per_request"] == 10  # DEFAULT_AUTO_ROWS: no rate limit binds a batch
+    assert batches.stats()["lines"] == 3  # 25 rows after the setup row: 10, 10, 5
+
+
+def test_kill_9_while_waiting_on_a_packed_batch_then_a_rerun_reattaches(srv, batches, tmp_path):
+    batches.step = 10**6
+    cache = tmp_path / "c.sqlite3"
+    _submit_then_kill(srv, cache, rows_per_request=2)
+    submitted = batches.batch_ids()
+    assert len(submitted) == 1 and batches.stats()["lines"] == 0
+    batches.step = 0
+    out = extract(frame(6), srv, batch=True, rows_per_request=2, cache=str(cache))
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1 and out.attrs["llm"]["batch_ids"] == submitted
+    assert batches.stats()["lines"] == 3  # 5 rows after the setup row: 2, 2, 1
+    assert extract(frame(6), srv, cache=str(cache)).attrs["llm"]["requests"] == 0
+
+
+def test_a_rerun_reattaches_to_a_second_round_of_halved_packs(server_factory, tmp_path):
+    # The second batch holds halved packs, grouped unlike any fresh run: its record's rows
+    # are what a re-run rebuilds it from.
+    srv = server_factory(api_key=KEY, pack_faults={"drop": 0.3}, seed=4)
+    batches = FakeBatches.of(srv.app)
+
+    async def wait(seconds: float) -> None:
+        if len(batches.batch_ids()) == 2:
+            raise KeyboardInterrupt  # stops the run while the second batch waits
+        batches.advance(seconds)
+
+    cache = str(tmp_path / "c.sqlite3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_batch_run, "wait_between", wait)
+        with pytest.raises(KeyboardInterrupt):
+            extract(frame(25), srv, batch=True, rows_per_request=8, cache=cache)
+    first, second = batches.batch_ids()
+    assert _pack_sizes(cache)[0] == [8, 8, 8] and max(_pack_sizes(cache)[1]) <= 4
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_batch_run, "wait_between", lambda s: _advance(batches, s))
+        out = extract(frame(25), srv, batch=True, rows_per_request=8, cache=cache)
+    assert list(out["name"]) == [f"N{i}" for i in range(25)]
+    # Re-attached to the waiting second batch: its halved packs were not submitted again.
+    assert out.attrs["llm"]["batch_ids"][0] == second
+    assert first not in out.attrs["llm"]["batch_ids"]
+    assert len(batches.batch_ids()) == len(_pack_sizes(cache))
+
+
+def test_estimate_puts_batch_packed_beside_the_other_modes(tmp_path):
+    # Instructions worth packing: sent once per pack instead of once per row.
+    est = frame(11).llm.estimate(
+        "Find the person in this note, with the year they were born. " * 20 + "${text}",
+        fields={"name": str, "year": int},
+        max_tokens=50,
+        rows_per_request=5,
+        rpm=60,
+        cache=str(tmp_path / "c.sqlite3"),
+    )
+    modes = est.attrs["modes"]
+    assert list(modes.index) == ["live", "live packed", "batch", "batch packed"]
+    live_packed, batch_packed = modes.loc["live packed"], modes.loc["batch packed"]
+    assert batch_packed["requests"] == live_packed["requests"] == 1 + 2
+    assert batch_packed["prompt_tokens"] == live_packed["prompt_tokens"]
+    assert batch_packed["expected_seconds"] == "within 24 h"
+    assert live_packed["expected_seconds"] == 3.0
+    # The setup row live; the packs at half the price.
+    assert live_packed["cost"] / 2 < batch_packed["cost"] < live_packed["cost"]
+    assert batch_packed["cost"] < modes.loc["batch", "cost"]
+    assert est["batch_packed_cost"] == batch_packed["cost"]
+
+
+def test_an_auto_estimate_quotes_the_size_a_batch_run_packs(srv, batches, tmp_path):
+    # Live "auto" packs by the rate limits (rpm alone binds: the most rows); a batch is not
+    # held to them and packs its fixed size, the one the run then uses.
+    df = frame(26)
+    options = {"fields": {"name": str, "year": int}, "rows_per_request": "auto", "rpm": 500}
+    est = df.llm.estimate("${text}", max_tokens=50, cache=str(tmp_path / "e.sqlite3"), **options)
+    assert est["rows_per_request"] == 50 and est["batch_rows_per_request"] == 10
+    assert est.attrs["modes"].loc["batch packed", "requests"] == 1 + 3
+    out = extract(
+        df,
+        srv,
+        batch=True,
+        max_tokens=50,
+        cache=str(tmp_path / "c.sqlite3"),
+        **{k: v for k, v in options.items() if k != "fields"},
+    )
+    assert out.attrs["llm"]["rows_per_request"] == est["batch_rows_per_request"]
+    assert out.attrs["llm"]["requests"] == est["batch_packed_requests"]
+
+
+@pytest.mark.parametrize(("provider", "lines"), [("openai", 2), ("anthropic", 4)])
+def test_n_samples_of_packed_lines_on_both_protocols(srv, batches, tmp_path, provider, lines):
+    # Anthropic has no n: a pack's line per sample, each checked by id on its own.
+    df = frame(7)
+    options = {"api_key": KEY, **_one_of_each(srv, provider)}
+    cache = str(tmp_path / "c.sqlite3")
+    out = df.llm.generate(
+        "${text}", output="said", n=2, batch=True, rows_per_request=3, cache=cache, **options
+    )
+    assert len(out) == 14 and out["said"].notna().all()
+    assert batches.stats()["lines"] == lines  # 6 rows after the setup row: 2 packs
+    again = df.llm.generate("${text}", output="said", n=2, cache=cache, **options)
+    assert again.attrs["llm"]["requests"] == 0
+    pd.testing.assert_frame_equal(again.drop(columns="llm_error", errors="ignore"), out)
+
+
+def test_a_batch_that_expired_whole_is_submitted_again_not_read_again(srv, batches, tmp_path):
+    # Every line expired: the same lines again have the same digest as the batch read, which
+    # must be a new batch, not the expired one re-attached and read a second time.
+    batches.window = 600
+    df = frame(4, extra={i: ", note=BATCH_EXPIRE" for i in range(1, 4)})
+    out = extract(df, srv, batch=True, cache=str(tmp_path / "c.sqlite3"))
+    assert list(out["name"]) == [f"N{i}" for i in range(4)]
+    facts = out.attrs["llm"]
+    assert batches.stats()["batches"] == 2 and len(set(facts["batch_ids"])) == 2
+    assert facts["resubmitted_lines"] == 3 and facts["live_fallback_rows"] == 0
