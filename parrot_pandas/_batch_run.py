@@ -21,8 +21,8 @@ How a batch run goes
    same batch twice, across processes and kernel restarts. The record is a claim, taken in
    one write transaction and naming its process: a second process running the same call at
    the same time waits for the first one's batch id; a claim whose process died before it
-   recorded the id is looked up by the batch's metadata (OpenAI, Azure) or submitted again
-   (Anthropic's batches carry no metadata to find it by).
+   recorded the id is looked up by the batch's metadata (OpenAI, Azure), or on Anthropic
+   (no metadata) by its size and creation time (see ``_orphan``).
 4. Waiting polls with backoff (:data:`POLL_FIRST` seconds, doubling to :data:`POLL_MAX`) and
    feeds a progress bar from the batch's request counts. Ctrl-C stops waiting, not the batch.
 5. Each line's answer goes through the scheduler's own ``_judge``/``_keep``/``_finish``/
@@ -103,6 +103,8 @@ _STEM = 40
 # The batch metadata key (OpenAI, Azure) naming the part's digest: finds a batch whose create
 # response was lost to a crash.
 _DIGEST_KEY = "parrot_digest"
+# Seconds the provider's clock may be behind ours (batch creation times against a claim's).
+_CLOCK_SKEW = 60.0
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
 #: Prompts whose lengths size a batch's packs for rows_per_request="auto".
@@ -664,7 +666,7 @@ class BatchScheduler(Scheduler):
             batch_id = record.batch_id if record is not None else None
             if record is not None and batch_id is None and record.state == "submitting":
                 # A crash between the create request and its record: the batch may exist.
-                batch_id = await self._orphan(part, record.created)
+                batch_id = await self._orphan(part, record.created, records)
             # A batch this run has read (or one rejected) is never attached to again: the same
             # lines once more are lines to resubmit (they all expired, say). One read by a run
             # that then crashed is, as its answers may not have reached the cache.
@@ -708,26 +710,41 @@ class BatchScheduler(Scheduler):
             self.batch_ids.append(status.id)
         return status
 
-    async def _orphan(self, part: BatchPart, since: float) -> str | None:
+    async def _orphan(self, part: BatchPart, since: float, records: Records) -> str | None:
         """The id of a batch created for ``part`` whose create response never reached its
-        record: OpenAI and Azure keep the digest in the batch's metadata (Anthropic keeps
-        none, so there the part is submitted again)."""
+        record (claimed at ``since``), or ``None`` when there seems to be none.
+
+        OpenAI and Azure keep the part's digest in the batch's metadata. Anthropic keeps
+        none: there the one batch of the part's size created since the claim and recorded
+        for no other part is taken. A wrong guess costs time, never answers: its results
+        carry none of the part's custom ids, so every line goes into the next batch.
+        """
         protocol = self.client.protocol
-        if protocol.name == "anthropic":
-            return None
         wanted = part.digest[:64]
+        known = {record.batch_id for record in records.all() if record.batch_id}
+        guesses: list[str] = []
         after = None
         while True:
             body = await self.client.call(protocol.list_request(after, 100))
-            data = body.get("data") if isinstance(body, dict) else None
+            data = body.get("data") if isinstance(body, dict) and protocol.keeps_metadata else None
             for item in data or ():
                 metadata = item.get("metadata") if isinstance(item, dict) else None
                 if isinstance(metadata, dict) and metadata.get(_DIGEST_KEY) == wanted:
                     return str(item.get("id"))
             statuses, after = protocol.read_list(body)
-            # Newest first: a page that reaches back before the record was written is the last.
-            if after is None or any((s.created_at or since) < since - 60 for s in statuses):
-                return None
+            if not protocol.keeps_metadata:
+                guesses += [
+                    s.id
+                    for s in statuses
+                    if s.total == len(part)
+                    and s.id not in known
+                    and (s.created_at or since) >= since - _CLOCK_SKEW
+                ]
+            # Newest first: a page that reaches back before the claim was written is the last.
+            if after is None or any(
+                (s.created_at or since) < since - _CLOCK_SKEW for s in statuses
+            ):
+                return guesses[0] if len(guesses) == 1 else None
 
     async def _wait_all(
         self, statuses: list[BatchStatus], parts: list[BatchPart], records: Records

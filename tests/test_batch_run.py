@@ -813,3 +813,39 @@ def test_a_batch_that_expired_whole_is_submitted_again_not_read_again(srv, batch
     facts = out.attrs["llm"]
     assert batches.stats()["batches"] == 2 and len(set(facts["batch_ids"])) == 2
     assert facts["resubmitted_lines"] == 3 and facts["live_fallback_rows"] == 0
+
+
+async def test_an_anthropic_batch_whose_id_was_never_recorded_is_found_by_size_and_time(
+    srv, batches, tmp_path, monkeypatch
+):
+    # Anthropic's batches keep no metadata: a process killed during the create request leaves
+    # a claim without a batch id, and the re-run must find that batch another way.
+    batches.step = 10**6
+    waiting = asyncio.Event()
+
+    async def wait(seconds: float) -> None:
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(_batch_run, "wait_between", wait)
+    cache = tmp_path / "c.sqlite3"
+    options = {"api_key": KEY, **_one_of_each(srv, "anthropic"), "cache": str(cache)}
+    fields = {"name": str, "year": int}
+    task = asyncio.ensure_future(frame(6).llm.aextract("${text}", fields, batch=True, **options))
+    await asyncio.wait_for(waiting.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True).stdout.strip()  # fmt: skip
+    with contextlib.closing(sqlite3.connect(cache)) as conn, conn:
+        conn.execute(
+            "UPDATE batches SET batch_id = NULL, state = 'submitting', owner = ?",
+            (f"{socket.gethostname()}:{dead}",),
+        )
+    batches.step = 0
+    monkeypatch.setattr(_batch_run, "wait_between", lambda s: asyncio.sleep(0))
+    out = await frame(6).llm.aextract("${text}", fields, batch=True, **options)
+    assert list(out["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 1  # found, not submitted again
+    assert out.attrs["llm"]["batch_ids"] == batches.batch_ids()

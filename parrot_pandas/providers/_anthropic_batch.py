@@ -86,6 +86,7 @@ class AnthropicBatch:
 
     name = "anthropic"
     limits = ANTHROPIC_LIMITS
+    keeps_metadata = False
 
     def __init__(
         self, provider: AnthropicProvider, base_url: str, headers: Mapping[str, str]

@@ -250,6 +250,8 @@ class BatchProtocol(Protocol):
 
     name: str
     limits: BatchLimits
+    #: Whether a batch keeps the metadata given at its creation (and lists show it).
+    keeps_metadata: bool
 
     def line(self, custom_id: str, call: Call) -> bytes:
         """``call`` encoded as one request of a batch, under ``custom_id``."""

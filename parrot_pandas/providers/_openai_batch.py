@@ -92,6 +92,7 @@ class OpenAIBatch:
 
     name = "openai"
     limits = OPENAI_LIMITS
+    keeps_metadata = True
     # The url in every line, and the batch's endpoint: they must be equal.
     line_url = "/v1/chat/completions"
 
