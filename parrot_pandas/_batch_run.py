@@ -406,7 +406,8 @@ class BatchScheduler(Scheduler):
             if jobs:
                 await self._batches(jobs, feed, records)
         finally:
-            self.cache.flush()
+            # As a live run ends: the last answers written, off the event loop.
+            await self.cache.drain()
             records.close()
             self._emit(RunFinished(self.facts()))
         return outcome
@@ -444,7 +445,7 @@ class BatchScheduler(Scheduler):
             # The live answer is durable before any batch is: a re-run after a crash then
             # computes the same batch lines (without that row) and finds their record.
             assert self.cache is not None
-            self.cache.flush()
+            await self.cache.drain()
         covered = {id(job) for group in groups for line in group for job in line.jobs}
         fresh = [job for job in jobs if not _settled(job) and id(job) not in covered]
         if fresh:
