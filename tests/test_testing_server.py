@@ -436,8 +436,8 @@ async def test_latency_and_max_in_flight():
         elapsed = time.perf_counter() - start
         stats = srv.stats()
     assert all(status == 200 for status, _, _ in results)
-    assert 0.2 <= elapsed < 1.0
-    assert stats["max_in_flight"] == 5
+    assert elapsed >= 0.2  # each answer waited its latency...
+    assert stats["max_in_flight"] == 5  # ...all five at once (no upper time bound: noisy CI)
     assert stats["in_flight"] == 0
     assert stats["by_prompt"] == {"p0": 3, "p1": 2}
 

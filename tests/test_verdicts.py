@@ -156,11 +156,9 @@ def test_failures_that_will_repeat_cost_one_request(server):
 def test_a_request_too_large_pauses_no_other_row(server, pauses):
     # Every "Request too large" 429 used to pause all workers: 40 other rows took 17-22 s.
     frame = pd.DataFrame({"text": ["HUGE prompt"] + [f"row {i}" for i in range(40)]})
-    started = time.perf_counter()
     out = frame.llm.generate("${text}", errors="coerce", **options(server))
-    assert pauses == []
+    assert pauses == []  # what held the 40 others up: the budget paused for every worker
     assert out["llm_error"].notna().sum() == 1 and "Request too large" in out.loc[0, "llm_error"]
-    assert time.perf_counter() - started < 10
 
 
 # -- a run that cannot go on stops, and keeps what it paid for -------------------------------------
