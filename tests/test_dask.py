@@ -165,22 +165,6 @@ def test_partitions_in_one_process_share_one_budget(server_factory):
 # -- SharedBudget and its host, without Dask's scheduler ---------------------------------------
 
 
-class FakeClock:
-    """Time that moves only when the budget sleeps: sleeping is instant, and recorded."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += max(seconds, 0.0)
-        await asyncio.sleep(0)
-
-
 class FakeHost:
     """Records the calls a SharedBudget makes; answers acquire with fixed limits."""
 
@@ -227,10 +211,10 @@ async def test_pause_goes_at_once_and_reports_flush():
     assert len(host.calls) == 2
 
 
-async def test_unreachable_host_goes_alone_at_its_share():
+async def test_unreachable_host_goes_alone_at_its_share(fake_clock):
     lost = []
     limits = _Limits(rpm=None, tpm=None, share=4)
-    clock = FakeClock()
+    clock = fake_clock
     budget = SharedBudget(
         FakeHost(fail=True),
         limits=limits,
@@ -258,27 +242,27 @@ async def test_alone_from_the_start_takes_the_announced_limit_share():
 LOCAL = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60)
 
 
-async def test_local_partitions_share_one_bucket():
-    clock = FakeClock()
+async def test_local_partitions_share_one_bucket(fake_clock):
+    clock, start = fake_clock, fake_clock.now
     with BudgetService(clock=clock, sleep=clock.sleep) as service:
         first, second = service.budget(LOCAL), service.budget(LOCAL)
         await first.acquire(0)  # the bucket holds one request a second: the first takes it
         await second.acquire(0)  # so the other partition waits for the refill
-        assert clock.now == pytest.approx(60 / (60 * 0.98))
+        assert clock.now - start == pytest.approx(60 / (60 * 0.98))
         other = BudgetService(clock=clock, sleep=clock.sleep)
         await other.budget(LOCAL).acquire(0)  # another service, another bucket: no wait
-        assert clock.now == pytest.approx(60 / (60 * 0.98))
+        assert clock.now - start == pytest.approx(60 / (60 * 0.98))
         other.close()
 
 
-async def test_a_pause_from_one_partition_holds_the_others():
-    clock = FakeClock()
+async def test_a_pause_from_one_partition_holds_the_others(fake_clock):
+    clock, start = fake_clock, fake_clock.now
     with BudgetService(clock=clock, sleep=clock.sleep) as service:
         first, second = service.budget(LOCAL), service.budget(LOCAL)
         await first.acquire(0)
         first.pause(30.0)  # sent at once, so it reaches the host before the next acquire
         await second.acquire(0)
-        assert clock.now >= 30.0
+        assert clock.now - start >= 30.0
         assert max(clock.slept) >= 30.0
 
 
@@ -286,9 +270,9 @@ def _budget_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "parrot_pandas-budget"}
 
 
-async def test_the_host_thread_runs_only_while_a_budget_is_held():
+async def test_the_host_thread_runs_only_while_a_budget_is_held(fake_clock):
     before = _budget_threads()
-    clock = FakeClock()
+    clock = fake_clock
     service = BudgetService(clock=clock, sleep=clock.sleep)
     first, second = service.budget(LOCAL), service.budget(LOCAL)
     started = _budget_threads() - before
@@ -554,20 +538,21 @@ def test_a_dying_worker_loses_no_rows(cluster_client, limited_server, tmp_path, 
     client = cluster_client
     client.wait_for_workers(4, timeout=60)
     rows = 200
+    cache = tmp_path / "cache.sqlite3"
     ddf = dd.from_pandas(_rows(rows), npartitions=8)
     out = ddf.llm.generate(
         "${text}", output="answer", base_url=limited_server, api_key="test-key",
-        cache=str(tmp_path / "cache.sqlite3"),
+        cache=str(cache),
     )  # fmt: skip
     name = budget_name(RunConfig.from_options(base_url=limited_server, api_key="test-key"))
     future = client.compute(out)
-    deadline = time.monotonic() + 30
-    holders: list[str] = []
-    while not holders and time.monotonic() < deadline:
-        time.sleep(0.2)
-        holders = client.run_on_scheduler(_actor_holders, name=name)
-    assert holders, "the budget actor was never created"
-    time.sleep(2.0)  # let some answers arrive and reach the cache
+    holders = _wait_for(
+        lambda: client.run_on_scheduler(_actor_holders, name=name),
+        future,
+        "the budget actor was created",
+    )
+    # Some answers durable in the cache before the kill: the re-run must read them, not pay.
+    _wait_for(lambda: parrot_pandas.cache_info(cache)["entries"] >= 20, future, "20 rows cached")
     busy = {addr for addr, keys in client.processing().items() if keys}
     pids = client.run(os.getpid)
     if victim == "the budget's worker":
@@ -588,6 +573,23 @@ def test_a_dying_worker_loses_no_rows(cluster_client, limited_server, tmp_path, 
     # Rows finished before the death came from the cache; at most about a second of answers
     # (those not yet flushed to it) were paid twice.
     assert stats["ok"] <= rows + 40
+
+
+def _wait_for(condition: Any, future: Any, what: str, timeout: float = 120.0) -> Any:
+    """Poll `condition` until it is truthy and return it; fail naming `what`, or the compute's
+    own error if it failed (or finished) first: a failure says its real cause."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if future.done():
+            if future.status == "error":
+                raise AssertionError(f"the compute failed before {what}") from future.exception()
+            raise AssertionError(f"the compute finished before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.1)
 
 
 def _actor_holders(dask_scheduler: Any, name: str) -> list[str]:
