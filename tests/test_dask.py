@@ -40,6 +40,7 @@ from parrot_pandas.dask._budget import (  # noqa: E402
     _Limits,
     budget_name,
 )
+from parrot_pandas.testing._batches import FakeBatches  # noqa: E402
 
 NOWHERE = "http://127.0.0.1:9/v1"  # never contacted: nothing is computed
 PACKAGE_ROOT = str(Path(parrot_pandas.__file__).resolve().parents[1])
@@ -610,3 +611,101 @@ def test_failed_rows_cross_the_cluster(cluster_client, server_factory):
         ddf.llm.generate("${text}", base_url=server.url, cache=False).compute()
     assert list(info.value.errors.index) == [1]
     assert len(info.value.result) == 2  # the failing partition's own partial result
+
+
+# -- batch=True on a cluster: one batch per partition, submitted once ---------------------------
+
+BATCH_KEY = "sk-dask-batch-0123456789"
+BATCH_FIELDS = {"name": str, "year": int}
+
+
+def _facts(count: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": [f"name=N{i}, year={1900 + i}" for i in range(count)]},
+        index=pd.RangeIndex(count, name="row"),
+    )
+
+
+@pytest.fixture
+def batch_server(server_factory: Any) -> tuple[Any, FakeBatches]:
+    """A server with the Batch endpoints whose batches do not move until the test says so."""
+    srv = server_factory(api_key=BATCH_KEY)
+    batches = FakeBatches.of(srv.app)
+    batches.step = 10**6  # a batch stays "validating" until step is set back to 0
+    return srv, batches
+
+
+def _cache_file(srv: Any, tmp_path: Path) -> str:
+    """A cache file made before the partitions open it: these tests are about batches, and
+    many processes creating one file at once is another test's concern (the four workers')."""
+    path = str(tmp_path / "c.sqlite3")
+    pd.DataFrame({"text": ["made"]}).llm.generate(
+        "${text}", api_key=BATCH_KEY, base_url=srv.url, model="gpt-4o-mini", cache=path
+    )
+    return path
+
+
+def _batch_extract(ddf: Any, srv: Any, **options: Any) -> Any:
+    options = {"api_key": BATCH_KEY, "base_url": srv.url, "model": "gpt-4o-mini", **options}
+    return ddf.llm.extract("${text}", BATCH_FIELDS, **options)
+
+
+async def test_batch_is_refused_on_a_cluster_of_several_machines(ddocs):
+    # Two hosts as far as the scheduler can tell (both are loopback addresses of this one).
+    async with (
+        distributed.Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler,
+        distributed.Worker(scheduler.address, host="127.0.0.1", nthreads=1, dashboard=False),
+        distributed.Worker(scheduler.address, host="127.0.0.2", nthreads=1, dashboard=False),
+        distributed.Client(scheduler.address, asynchronous=True) as client,
+    ):
+        await client.wait_for_workers(2)
+        with pytest.raises(ConfigurationError, match="spread over 2 machines"):
+            ddocs.llm.generate("${title}", batch=True, base_url=NOWHERE)
+        ddocs.llm.generate("${title}", base_url=NOWHERE)  # live rows may run anywhere
+
+
+@pytest.mark.slow
+def test_every_partition_submits_its_batch_at_once(cluster_client, batch_server, tmp_path):
+    srv, batches = batch_server
+    ddf = dd.from_pandas(_facts(32), npartitions=8)
+    out = _batch_extract(ddf, srv, batch=True, cache=_cache_file(srv, tmp_path))
+    future = cluster_client.compute(out)
+    # 8 partitions on 4 one-thread workers: a partition holding its thread while its batch
+    # waits would keep the other four from submitting until the first batches end.
+    _wait_for(lambda: batches.stats()["batches"] == 8, future, "8 batches submitted", 60)
+    batches.step = 0
+    result = future.result(timeout=120)
+    pd.testing.assert_frame_equal(result, _batch_extract(ddf.compute(), srv, cache=False))
+    stats = batches.stats()
+    assert stats["batches"] == 8 and stats["lines"] == 32 - 8  # each partition's first row live
+
+
+@pytest.mark.slow
+def test_a_partition_rerun_after_a_worker_died_reattaches_to_its_batch(
+    cluster_client, batch_server, tmp_path
+):
+    client = cluster_client
+    client.wait_for_workers(4, timeout=60)
+    srv, batches = batch_server
+    cache = _cache_file(srv, tmp_path)
+    ddf = dd.from_pandas(_facts(32), npartitions=8)
+    future = client.compute(_batch_extract(ddf, srv, batch=True, cache=cache))
+    _wait_for(lambda: batches.stats()["batches"] == 8, future, "8 batches submitted", 60)
+    # A worker with partitions waiting for their batches (off its thread pool, still its
+    # tasks): killed, they have no result and run again elsewhere.
+    waiting = {
+        addr: [key for key in keys if "llm_extract" in str(key)]
+        for addr, keys in client.processing().items()
+    }
+    victim = max(sorted(waiting), key=lambda addr: len(waiting[addr]))
+    assert waiting[victim], waiting
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    batches.step = 0
+    result = future.result(timeout=120)
+    pd.testing.assert_frame_equal(result, _batch_extract(ddf.compute(), srv, cache=False))
+    assert batches.stats()["batches"] == 8  # re-attached: no partition submitted twice
+    # A re-run of the whole call pays nothing: every answer is in the per-row cache.
+    requests = srv.stats()["requests"]
+    again = client.compute(_batch_extract(ddf, srv, batch=True, cache=cache)).result(timeout=120)
+    pd.testing.assert_frame_equal(again, result)
+    assert batches.stats()["batches"] == 8 and srv.stats()["requests"] == requests
