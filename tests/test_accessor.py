@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import pydoc
+import re
 import subprocess
 import sys
 import typing
@@ -415,7 +416,11 @@ def test_overloads_tell_type_checkers_what_chunksize_returns(name, many):
 
 # -- public names --------------------------------------------------------------------------
 
-_NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_NOTEBOOKS = _ROOT / "notebooks"
+_BENCHMARKS = _ROOT / "benchmarks"
+# A dotted path into the package, as ``importlib.import_module`` or ``client.run`` take it.
+_DOTTED = re.compile(r"parrot_pandas(\.\w+)+")
 
 
 def _private_names(source: str) -> list[str]:
@@ -428,6 +433,8 @@ def _private_names(source: str) -> list[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("parrot_pandas."):
             names = [ast.unparse(node)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [match.group(0) for match in _DOTTED.finditer(node.value)]
         else:
             continue
         found += [
@@ -436,25 +443,53 @@ def _private_names(source: str) -> list[str]:
             if name.startswith("parrot_pandas")
             and any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
         ]
-    return found
+    return sorted(set(found))
 
 
-def test_notebooks_use_only_public_names():
-    sources = {"_setup.py": (_NOTEBOOKS / "_setup.py").read_text()}
+def _notebook_code(path: pathlib.Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    # IPython magics and shell escapes are not Python.
+    return "\n".join(
+        line for cell in code for line in cell.splitlines() if not line.startswith(("%", "!"))
+    )
+
+
+def test_notebooks_and_benchmarks_use_only_public_names():
+    # What users copy from must work with the public names alone (issue 12).
+    sources = {
+        str(path.relative_to(_ROOT)): path.read_text()
+        for folder in (_NOTEBOOKS, _BENCHMARKS)
+        for path in sorted(folder.glob("*.py"))
+    }
     for path in sorted(_NOTEBOOKS.glob("*.ipynb")):
-        cells = json.loads(path.read_text())["cells"]
-        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-        # IPython magics and shell escapes are not Python.
-        sources[path.name] = "\n".join(
-            line for cell in code for line in cell.splitlines() if not line.startswith(("%", "!"))
-        )
-    assert len(sources) > 1
+        sources[str(path.relative_to(_ROOT))] = _notebook_code(path)
+    assert any(name.startswith("benchmarks/") for name in sources)
+    assert any(name.endswith(".ipynb") for name in sources)
     assert {name: _private_names(text) for name, text in sources.items()} == {
         name: [] for name in sources
     }
-    assert _private_names("from parrot_pandas._config import DEFAULT_MODEL") == [
-        "parrot_pandas._config.DEFAULT_MODEL"
-    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "private"),
+    [
+        ("from parrot_pandas._config import DEFAULT_MODEL",
+         ["parrot_pandas._config.DEFAULT_MODEL"]),
+        ("from parrot_pandas import _limits as limits", ["parrot_pandas._limits"]),
+        ("import parrot_pandas._cache", ["parrot_pandas._cache"]),
+        ("import parrot_pandas\nparrot_pandas._run.prepare",
+         ["parrot_pandas._run", "parrot_pandas._run.prepare"]),
+        ("from parrot_pandas.testing import _faults", ["parrot_pandas.testing._faults"]),
+        ('client.run(import_module, "parrot_pandas.dask._accessor")',
+         ["parrot_pandas.dask._accessor"]),
+        ("from parrot_pandas import cache_info, __version__", []),
+        ("from parrot_pandas.testing import FakeServer", []),
+        ('import_module("parrot_pandas")', []),
+    ],
+)  # fmt: skip
+def test_private_names_are_found(source, private):
+    assert _private_names(source) == private
 
 
 def test_the_public_names_are_importable():

@@ -40,6 +40,7 @@ from parrot_pandas.dask._budget import (  # noqa: E402
     _Limits,
     budget_name,
 )
+from parrot_pandas.testing._batches import FakeBatches  # noqa: E402
 
 NOWHERE = "http://127.0.0.1:9/v1"  # never contacted: nothing is computed
 PACKAGE_ROOT = str(Path(parrot_pandas.__file__).resolve().parents[1])
@@ -165,22 +166,6 @@ def test_partitions_in_one_process_share_one_budget(server_factory):
 # -- SharedBudget and its host, without Dask's scheduler ---------------------------------------
 
 
-class FakeClock:
-    """Time that moves only when the budget sleeps: sleeping is instant, and recorded."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += max(seconds, 0.0)
-        await asyncio.sleep(0)
-
-
 class FakeHost:
     """Records the calls a SharedBudget makes; answers acquire with fixed limits."""
 
@@ -227,10 +212,10 @@ async def test_pause_goes_at_once_and_reports_flush():
     assert len(host.calls) == 2
 
 
-async def test_unreachable_host_goes_alone_at_its_share():
+async def test_unreachable_host_goes_alone_at_its_share(fake_clock):
     lost = []
     limits = _Limits(rpm=None, tpm=None, share=4)
-    clock = FakeClock()
+    clock = fake_clock
     budget = SharedBudget(
         FakeHost(fail=True),
         limits=limits,
@@ -258,27 +243,27 @@ async def test_alone_from_the_start_takes_the_announced_limit_share():
 LOCAL = RunConfig.from_options(base_url="http://127.0.0.1:1/v1", rpm=60)
 
 
-async def test_local_partitions_share_one_bucket():
-    clock = FakeClock()
+async def test_local_partitions_share_one_bucket(fake_clock):
+    clock, start = fake_clock, fake_clock.now
     with BudgetService(clock=clock, sleep=clock.sleep) as service:
         first, second = service.budget(LOCAL), service.budget(LOCAL)
         await first.acquire(0)  # the bucket holds one request a second: the first takes it
         await second.acquire(0)  # so the other partition waits for the refill
-        assert clock.now == pytest.approx(60 / (60 * 0.98))
+        assert clock.now - start == pytest.approx(60 / (60 * 0.98))
         other = BudgetService(clock=clock, sleep=clock.sleep)
         await other.budget(LOCAL).acquire(0)  # another service, another bucket: no wait
-        assert clock.now == pytest.approx(60 / (60 * 0.98))
+        assert clock.now - start == pytest.approx(60 / (60 * 0.98))
         other.close()
 
 
-async def test_a_pause_from_one_partition_holds_the_others():
-    clock = FakeClock()
+async def test_a_pause_from_one_partition_holds_the_others(fake_clock):
+    clock, start = fake_clock, fake_clock.now
     with BudgetService(clock=clock, sleep=clock.sleep) as service:
         first, second = service.budget(LOCAL), service.budget(LOCAL)
         await first.acquire(0)
         first.pause(30.0)  # sent at once, so it reaches the host before the next acquire
         await second.acquire(0)
-        assert clock.now >= 30.0
+        assert clock.now - start >= 30.0
         assert max(clock.slept) >= 30.0
 
 
@@ -286,9 +271,9 @@ def _budget_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "parrot_pandas-budget"}
 
 
-async def test_the_host_thread_runs_only_while_a_budget_is_held():
+async def test_the_host_thread_runs_only_while_a_budget_is_held(fake_clock):
     before = _budget_threads()
-    clock = FakeClock()
+    clock = fake_clock
     service = BudgetService(clock=clock, sleep=clock.sleep)
     first, second = service.budget(LOCAL), service.budget(LOCAL)
     started = _budget_threads() - before
@@ -554,20 +539,21 @@ def test_a_dying_worker_loses_no_rows(cluster_client, limited_server, tmp_path, 
     client = cluster_client
     client.wait_for_workers(4, timeout=60)
     rows = 200
+    cache = tmp_path / "cache.sqlite3"
     ddf = dd.from_pandas(_rows(rows), npartitions=8)
     out = ddf.llm.generate(
         "${text}", output="answer", base_url=limited_server, api_key="test-key",
-        cache=str(tmp_path / "cache.sqlite3"),
+        cache=str(cache),
     )  # fmt: skip
     name = budget_name(RunConfig.from_options(base_url=limited_server, api_key="test-key"))
     future = client.compute(out)
-    deadline = time.monotonic() + 30
-    holders: list[str] = []
-    while not holders and time.monotonic() < deadline:
-        time.sleep(0.2)
-        holders = client.run_on_scheduler(_actor_holders, name=name)
-    assert holders, "the budget actor was never created"
-    time.sleep(2.0)  # let some answers arrive and reach the cache
+    holders = _wait_for(
+        lambda: client.run_on_scheduler(_actor_holders, name=name),
+        future,
+        "the budget actor was created",
+    )
+    # Some answers durable in the cache before the kill: the re-run must read them, not pay.
+    _wait_for(lambda: parrot_pandas.cache_info(cache)["entries"] >= 20, future, "20 rows cached")
     busy = {addr for addr, keys in client.processing().items() if keys}
     pids = client.run(os.getpid)
     if victim == "the budget's worker":
@@ -590,6 +576,23 @@ def test_a_dying_worker_loses_no_rows(cluster_client, limited_server, tmp_path, 
     assert stats["ok"] <= rows + 40
 
 
+def _wait_for(condition: Any, future: Any, what: str, timeout: float = 120.0) -> Any:
+    """Poll `condition` until it is truthy and return it; fail naming `what`, or the compute's
+    own error if it failed (or finished) first: a failure says its real cause."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if future.done():
+            if future.status == "error":
+                raise AssertionError(f"the compute failed before {what}") from future.exception()
+            raise AssertionError(f"the compute finished before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.1)
+
+
 def _actor_holders(dask_scheduler: Any, name: str) -> list[str]:
     task = dask_scheduler.tasks.get(name)
     if task is None or task.state != "memory":
@@ -608,3 +611,101 @@ def test_failed_rows_cross_the_cluster(cluster_client, server_factory):
         ddf.llm.generate("${text}", base_url=server.url, cache=False).compute()
     assert list(info.value.errors.index) == [1]
     assert len(info.value.result) == 2  # the failing partition's own partial result
+
+
+# -- batch=True on a cluster: one batch per partition, submitted once ---------------------------
+
+BATCH_KEY = "sk-dask-batch-0123456789"
+BATCH_FIELDS = {"name": str, "year": int}
+
+
+def _facts(count: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"text": [f"name=N{i}, year={1900 + i}" for i in range(count)]},
+        index=pd.RangeIndex(count, name="row"),
+    )
+
+
+@pytest.fixture
+def batch_server(server_factory: Any) -> tuple[Any, FakeBatches]:
+    """A server with the Batch endpoints whose batches do not move until the test says so."""
+    srv = server_factory(api_key=BATCH_KEY)
+    batches = FakeBatches.of(srv.app)
+    batches.step = 10**6  # a batch stays "validating" until step is set back to 0
+    return srv, batches
+
+
+def _cache_file(srv: Any, tmp_path: Path) -> str:
+    """A cache file made before the partitions open it: these tests are about batches, and
+    many processes creating one file at once is another test's concern (the four workers')."""
+    path = str(tmp_path / "c.sqlite3")
+    pd.DataFrame({"text": ["made"]}).llm.generate(
+        "${text}", api_key=BATCH_KEY, base_url=srv.url, model="gpt-4o-mini", cache=path
+    )
+    return path
+
+
+def _batch_extract(ddf: Any, srv: Any, **options: Any) -> Any:
+    options = {"api_key": BATCH_KEY, "base_url": srv.url, "model": "gpt-4o-mini", **options}
+    return ddf.llm.extract("${text}", BATCH_FIELDS, **options)
+
+
+async def test_batch_is_refused_on_a_cluster_of_several_machines(ddocs):
+    # Two hosts as far as the scheduler can tell (both are loopback addresses of this one).
+    async with (
+        distributed.Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler,
+        distributed.Worker(scheduler.address, host="127.0.0.1", nthreads=1, dashboard=False),
+        distributed.Worker(scheduler.address, host="127.0.0.2", nthreads=1, dashboard=False),
+        distributed.Client(scheduler.address, asynchronous=True) as client,
+    ):
+        await client.wait_for_workers(2)
+        with pytest.raises(ConfigurationError, match="spread over 2 machines"):
+            ddocs.llm.generate("${title}", batch=True, base_url=NOWHERE)
+        ddocs.llm.generate("${title}", base_url=NOWHERE)  # live rows may run anywhere
+
+
+@pytest.mark.slow
+def test_every_partition_submits_its_batch_at_once(cluster_client, batch_server, tmp_path):
+    srv, batches = batch_server
+    ddf = dd.from_pandas(_facts(32), npartitions=8)
+    out = _batch_extract(ddf, srv, batch=True, cache=_cache_file(srv, tmp_path))
+    future = cluster_client.compute(out)
+    # 8 partitions on 4 one-thread workers: a partition holding its thread while its batch
+    # waits would keep the other four from submitting until the first batches end.
+    _wait_for(lambda: batches.stats()["batches"] == 8, future, "8 batches submitted", 60)
+    batches.step = 0
+    result = future.result(timeout=120)
+    pd.testing.assert_frame_equal(result, _batch_extract(ddf.compute(), srv, cache=False))
+    stats = batches.stats()
+    assert stats["batches"] == 8 and stats["lines"] == 32 - 8  # each partition's first row live
+
+
+@pytest.mark.slow
+def test_a_partition_rerun_after_a_worker_died_reattaches_to_its_batch(
+    cluster_client, batch_server, tmp_path
+):
+    client = cluster_client
+    client.wait_for_workers(4, timeout=60)
+    srv, batches = batch_server
+    cache = _cache_file(srv, tmp_path)
+    ddf = dd.from_pandas(_facts(32), npartitions=8)
+    future = client.compute(_batch_extract(ddf, srv, batch=True, cache=cache))
+    _wait_for(lambda: batches.stats()["batches"] == 8, future, "8 batches submitted", 60)
+    # A worker with partitions waiting for their batches (off its thread pool, still its
+    # tasks): killed, they have no result and run again elsewhere.
+    waiting = {
+        addr: [key for key in keys if "llm_extract" in str(key)]
+        for addr, keys in client.processing().items()
+    }
+    victim = max(sorted(waiting), key=lambda addr: len(waiting[addr]))
+    assert waiting[victim], waiting
+    os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+    batches.step = 0
+    result = future.result(timeout=120)
+    pd.testing.assert_frame_equal(result, _batch_extract(ddf.compute(), srv, cache=False))
+    assert batches.stats()["batches"] == 8  # re-attached: no partition submitted twice
+    # A re-run of the whole call pays nothing: every answer is in the per-row cache.
+    requests = srv.stats()["requests"]
+    again = client.compute(_batch_extract(ddf, srv, batch=True, cache=cache)).result(timeout=120)
+    pd.testing.assert_frame_equal(again, result)
+    assert batches.stats()["batches"] == 8 and srv.stats()["requests"] == requests

@@ -26,11 +26,26 @@ only for the rest. On one machine every worker uses the same SQLite file (the de
 location, or ``cache=PATH``), which is safe for concurrent writers. On several machines each
 machine has its own file, so a partition re-run on another machine pays again for its rows;
 keep ``cache=`` on a local disk (never NFS/SMB, which break SQLite's locking).
+
+``batch=True``: each partition is one batch run of its own rows, as ``df.llm.extract(...,
+batch=True)`` would run it: its first row goes live (the setup request), the rest go into
+a batch whose record is kept in the cache file, and the partition's task waits for it. Under
+``dask.distributed`` the waiting task leaves the worker's thread pool (``secede``), so every
+partition submits its batch at once instead of one pool-full after another; the other
+schedulers hold a thread per waiting batch, so give them no more partitions than threads. A
+partition run again (a worker died, or the call is repeated) finds its batch's record and
+re-attaches: it never submits a second time. That needs every run of a partition to see the
+same cache file, so ``batch=True`` is refused on a cluster whose workers are on several
+machines (each machine has its own cache file): run on one machine, or compute the frame and
+call the pandas accessor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -43,7 +58,7 @@ from .._run import Run, RunSpec, prepare
 from .._runner import run_sync
 from ..accessor import _front_door, _spec
 from ..errors import ConfigurationError
-from ._budget import default_service
+from ._budget import _current_worker, default_service
 
 __all__ = ["DaskLLMAccessor", "llm_extract", "llm_generate"]
 
@@ -81,7 +96,9 @@ class DaskLLMAccessor:
         Raises
         ------
         ConfigurationError
-            At once, on the client: a bad template, option or output name.
+            At once, on the client: a bad template, option or output name; ``batch=True``
+            while the default ``dask.distributed`` client's workers are on several machines
+            (see the module docstring: one batch per partition, resumable on one machine).
         APIError, RowsFailedError
             At compute time, as in the pandas accessor; a ``RowsFailedError`` carries the
             partial result of its partition only (finished rows of every partition are in
@@ -131,6 +148,8 @@ def _lazy(ddf: dd.DataFrame, spec: RunSpec) -> dd.DataFrame:
     spec = replace(spec, options={"progress": False, **spec.options})
     run = prepare(ddf._meta, spec)
     config = run.config
+    if config.batch:
+        _check_one_machine()
     # Resolved here, once: every worker then uses the client's model, server and key, whatever
     # its own environment says.
     resolved = {
@@ -170,8 +189,52 @@ def _run_partition(partition: pd.DataFrame, spec: RunSpec) -> pd.DataFrame:
         return _empty_result(run)
     budget = default_service().budget(run.config)
     try:
-        return run_sync(
-            functools.partial(run.execute, budget=budget), running_loop=run.config.running_loop
-        )
+        with _off_the_pool(run.config.batch):
+            return run_sync(
+                functools.partial(run.execute, budget=budget),
+                running_loop=run.config.running_loop,
+            )
     finally:
         budget.close()
+
+
+@contextlib.contextmanager
+def _off_the_pool(batch: bool) -> Iterator[None]:
+    """A batch partition waits for hours: off the worker's thread pool meanwhile
+    (``dask.distributed`` only), so that the next partitions submit their batches now."""
+    if not batch or _current_worker() is None:
+        yield
+        return
+    from distributed import rejoin, secede
+
+    secede()
+    try:
+        yield
+    finally:
+        rejoin()
+
+
+def _check_one_machine() -> None:
+    """Refuse ``batch=True`` when the default ``dask.distributed`` client's workers are on
+    several machines: a partition retried on another machine would not find its batch's
+    record (each machine has its own cache file) and would submit its rows again."""
+    if "distributed" not in sys.modules:  # no client can exist: nothing to import (1 s)
+        return
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:  # no client: the threaded, processes or synchronous scheduler
+        return
+    workers = client.scheduler_info().get("workers", {}).values()
+    hosts = sorted({worker.get("host") for worker in workers} - {None})
+    if len(hosts) > 1:
+        raise ConfigurationError(
+            f"batch=True on a Dask cluster spread over {len(hosts)} machines "
+            f"({', '.join(hosts[:3])}{', ...' if len(hosts) > 3 else ''}) cannot promise to "
+            "submit each row once: a batch's record lives in the cache file of the machine "
+            "that submitted it, so a partition run again on another machine would submit its "
+            "rows a second time. Run batch=True on one machine (a LocalCluster), or compute "
+            "the frame and call the pandas accessor (ddf.compute().llm.extract(..., "
+            "batch=True)), or pass batch=False"
+        )
