@@ -16,6 +16,7 @@ import contextlib
 import os
 import pathlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -194,25 +195,35 @@ def _inspect(path: pathlib.Path) -> str:
     Reads without writing: a database in WAL mode that nobody has open is read as immutable,
     so not even the ``-wal`` and ``-shm`` files a reader would create appear beside it.
     """
-    try:
-        with open(path, "rb") as file:
-            header = file.read(100)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read the cache file {str(path)!r}: {exc.strerror or exc}; {_FIX}"
-        ) from None
-    if not header:
-        return "empty"
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        raise ConfigurationError(
-            f"the cache file {str(path)!r} is not an SQLite database (a damaged cache, or "
-            f"another kind of file); delete it if it is a damaged cache, or {_FIX}"
-        )
-    wal_mode = header[18] == 2
-    unopened = not pathlib.Path(f"{path}-wal").exists()
-    immutable = wal_mode and unopened
+    if pathlib.Path(f"{path}-wal").exists():
+        # Open somewhere in WAL mode (or left so by a crash). Not read through a descriptor of
+        # our own: closing any descriptor of a file drops every POSIX lock this process holds
+        # on it, and a connection of another thread may hold some (SQLite's "how to corrupt"
+        # 2.2; seen as SQLITE_IOERR_SHORT_READ with Dask partitions on threads). A locking
+        # read checks the file instead.
+        if not path.exists():
+            return "missing"
+        immutable = False
+    else:
+        # No -wal: no connection of this process has the file open (ours are all in WAL mode,
+        # and connect() sets a file up one caller at a time), so a descriptor is safe here.
+        try:
+            with open(path, "rb") as file:
+                header = file.read(100)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the cache file {str(path)!r}: {exc.strerror or exc}; {_FIX}"
+            ) from None
+        if not header:
+            return "empty"
+        if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+            raise ConfigurationError(
+                f"the cache file {str(path)!r} is not an SQLite database (a damaged cache, or "
+                f"another kind of file); delete it if it is a damaged cache, or {_FIX}"
+            )
+        immutable = header[18] == 2  # WAL mode, and nobody has it open
     app_id, version, tables, columns = _facts(path, immutable=immutable)
     ours = app_id == APPLICATION_ID or (
         app_id == 0 and version in _UNMARKED_VERSIONS and columns == _COLUMNS
@@ -311,6 +322,15 @@ def connect(
         that is not a parrot_pandas cache (left untouched), one from a newer version, or a file
         (or folder) that cannot be written.
     """
+    # One caller at a time in this process checks and sets up a file (see _inspect).
+    with _SETTING_UP:
+        return _open(path, readonly=readonly, busy_timeout=busy_timeout)
+
+
+_SETTING_UP = threading.Lock()
+
+
+def _open(path: pathlib.Path, *, readonly: bool, busy_timeout: float) -> sqlite3.Connection | None:
     state = _inspect(path)
     if readonly:
         if state in ("missing", "empty"):

@@ -1271,3 +1271,39 @@ def test_a_migration_committed_between_two_reads_of_the_facts_is_not_called_fore
     finally:
         writer.close()
         setup.close()
+
+
+_SHARED_LOCK_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:  # SQLite's SHARED range (PENDING_BYTE + 2, 510 bytes): taken only if no reader holds it
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 510, 0x40000002)
+    print("free")
+except OSError:
+    print("held")
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
+def test_checking_a_file_keeps_the_locks_of_this_process_s_open_connections(path):
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it. Reading
+    # the header with open()/close() while another thread's connection was mid-transaction took
+    # its lock away, so other processes wrote under it (Dask partitions on threads: "disk I/O
+    # error", SQLITE_IOERR_SHORT_READ).
+    ResponseCache(path).close()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM responses").fetchone()
+
+        def lock() -> str:
+            probe = [sys.executable, "-c", _SHARED_LOCK_PROBE, str(path)]
+            return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+
+        assert lock() == "held"
+        assert schema_module._inspect(path) == "ours"
+        with ResponseCache(path, readonly=True):
+            pass
+        assert lock() == "held"
+    finally:
+        reader.close()
