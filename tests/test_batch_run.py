@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -208,10 +209,8 @@ def test_kill_9_while_waiting_then_a_rerun_reattaches_without_submitting_again(
     assert extract(frame(6), srv, cache=str(cache)).attrs["llm"]["requests"] == 0
 
 
-async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
-    srv, batches, tmp_path, monkeypatch, caplog
-):
-    batches.step = 10**6
+async def _cancelled_while_waiting(start: Callable[[], Any], monkeypatch) -> None:
+    """Start a batch call (``start()``) and cancel it, as Ctrl-C does, once it is waiting."""
     waiting = asyncio.Event()
 
     async def wait(seconds: float) -> None:
@@ -219,15 +218,23 @@ async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
         await asyncio.sleep(3600)
 
     monkeypatch.setattr(_batch_run, "wait_between", wait)
-    cache = str(tmp_path / "c.sqlite3")
-    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", "cache": cache}
-    task = asyncio.ensure_future(
-        frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options)
-    )
+    task = asyncio.ensure_future(start())
     await asyncio.wait_for(waiting.wait(), 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_ctrl_c_stops_waiting_not_the_batch_and_says_how_to_resume(
+    srv, batches, tmp_path, monkeypatch, caplog
+):
+    batches.step = 10**6
+    cache = str(tmp_path / "c.sqlite3")
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", "cache": cache}
+    await _cancelled_while_waiting(
+        lambda: frame(6).llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options),
+        monkeypatch,
+    )
     (batch_id,) = batches.batch_ids()
     assert "Re-run the same call to resume" in caplog.text and batch_id in caplog.text
     assert batches.stats()["cancels"] == 0  # the batch goes on
@@ -821,21 +828,12 @@ async def test_an_anthropic_batch_whose_id_was_never_recorded_is_found_by_size_a
     # Anthropic's batches keep no metadata: a process killed during the create request leaves
     # a claim without a batch id, and the re-run must find that batch another way.
     batches.step = 10**6
-    waiting = asyncio.Event()
-
-    async def wait(seconds: float) -> None:
-        waiting.set()
-        await asyncio.sleep(3600)
-
-    monkeypatch.setattr(_batch_run, "wait_between", wait)
     cache = tmp_path / "c.sqlite3"
     options = {"api_key": KEY, **_one_of_each(srv, "anthropic"), "cache": str(cache)}
     fields = {"name": str, "year": int}
-    task = asyncio.ensure_future(frame(6).llm.aextract("${text}", fields, batch=True, **options))
-    await asyncio.wait_for(waiting.wait(), 30)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_while_waiting(
+        lambda: frame(6).llm.aextract("${text}", fields, batch=True, **options), monkeypatch
+    )
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
                           capture_output=True, check=True).stdout.strip()  # fmt: skip
     with contextlib.closing(sqlite3.connect(cache)) as conn, conn:
