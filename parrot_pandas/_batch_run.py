@@ -16,10 +16,10 @@ How a batch run goes
    a bad key or model, and warms the provider's prompt cache for what follows). Then each part
    gets a record in the cache database (table ``batches``, keyed by provider, base URL and
    the part's digest: what was submitted) before it is created, and its batch id right after.
-   A re-run computes the same parts (a packed run: rebuilds them from the records' rows,
-   however they were grouped), finds their records and re-attaches: it never submits the
-   same batch twice, across processes and kernel restarts. The record is a claim, taken in
-   one write transaction and naming its process: a second process running the same call at
+   A re-run rebuilds each recorded part from its record's rows (however they were packed),
+   finds it the same as submitted and re-attaches: it never submits the same batch twice,
+   across processes and kernel restarts. The record is a claim, taken in one write
+   transaction and naming its process: a second process running the same call at
    the same time waits for the first one's batch id; a claim whose process died before it
    recorded the id is looked up by the batch's metadata (OpenAI, Azure), or on Anthropic
    (no metadata) by its size and creation time (see ``_orphan``).
@@ -146,8 +146,8 @@ class Record:
     model: str | None
     custom_ids: tuple[str, ...]
     owner: str | None = None
-    #: In a packed run, each custom id's rows (their stems, in pack order): what a re-run
-    #: rebuilds the batch's lines from, however they were grouped.
+    #: Each custom id's rows (their stems, in pack order): what a re-run rebuilds the batch's
+    #: lines from, however they were packed.
     rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -188,18 +188,16 @@ class Records:
         part: BatchPart,
         now: float,
         seen: Record | None,
-        rows: Mapping[str, Sequence[str]] | None = None,
+        rows: Mapping[str, Sequence[str]],
     ) -> bool:
         """Take the right to submit ``part``: written before the create request, so a crash
         after it leaves a trace and a second process waits instead of submitting too.
-        ``rows`` maps each custom id of a packed run to its rows' stems.
+        ``rows`` maps each custom id to its rows' stems.
 
         ``False`` when the record is no longer ``seen`` (another process claimed or
         submitted the part meanwhile): look again.
         """
-        ids: Any = list(part.custom_ids)
-        if rows:
-            ids = {"ids": ids, "rows": {cid: list(rows[cid]) for cid in part.custom_ids}}
+        ids = {"ids": list(part.custom_ids), "rows": {cid: list(rows[cid]) for cid in rows}}
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             row = self._conn.execute(
@@ -235,10 +233,8 @@ def _record(row: tuple[Any, ...]) -> Record:
     provider, base_url, digest, batch_id, state, created, updated, model, ids, owner = row
     facts = (provider, base_url, digest, batch_id, state, created, updated, model)
     listed = json.loads(ids)
-    if isinstance(listed, dict):  # a packed run's: custom ids and their rows
-        rows = {cid: tuple(stems) for cid, stems in listed["rows"].items()}
-        return Record(*facts, tuple(listed["ids"]), owner, rows)
-    return Record(*facts, tuple(listed), owner)
+    rows = {cid: tuple(stems) for cid, stems in listed["rows"].items()}
+    return Record(*facts, tuple(listed["ids"]), owner, rows)
 
 
 def being_submitted(record: Record, now: float) -> bool:
@@ -431,11 +427,7 @@ class BatchScheduler(Scheduler):
     # -- rounds ------------------------------------------------------------------------------
 
     async def _batches(self, jobs: list[Job], feed: Feed, records: Records) -> None:
-        if self._packer is not None:
-            groups = self._known_packs(jobs, feed, records)
-        else:
-            known = self._known(jobs, feed, records)
-            groups = [known] if known is not None else []
+        groups = self._known(jobs, feed, records)
         if not groups:
             # No batch of this call exists yet: one row goes live first, the scheduler's setup
             # request (strategy, bad key or model found for one row's price; and a warm
@@ -476,32 +468,10 @@ class BatchScheduler(Scheduler):
             plans += [self.plan.with_strategy(strategy) for strategy in later]
         return plans
 
-    def _known(self, jobs: list[Job], feed: Feed, records: Records) -> list[_Line] | None:
-        """The lines of a batch this call already submitted, or ``None`` (unpacked runs).
-
-        Its lines are looked for with each plan the run may use (:meth:`_plans`; the plan
-        takes the one found).
-        """
-        protocol = self.client.protocol
-        # Cheap first: a record naming one of these jobs (custom ids come from cache keys,
-        # whatever the strategy); most first runs stop here without encoding a line.
-        recorded = {cid[:_STEM] for record in self._ours(records) for cid in record.custom_ids}
-        if not any(_stem(job.key) in recorded for job in jobs):
-            return None
-        first = self.plan
-        singles = [[job] for job in jobs]
-        for plan in self._plans():
-            self.plan = plan
-            lines = self._lines(singles, feed)
-            parts = protocol.parts([(line.custom_id, line.call) for line in lines])
-            if any(self._found(records, part) is not None for part in parts):
-                return lines
-        self.plan = first
-        return None
-
-    def _known_packs(self, jobs: list[Job], feed: Feed, records: Records) -> list[list[_Line]]:
-        """The lines of each batch of a packed run that this call submitted and whose answers
-        may not be in the cache, rebuilt from its record's rows (a re-run re-attaches to it).
+    def _known(self, jobs: list[Job], feed: Feed, records: Records) -> list[list[_Line]]:
+        """The lines of each batch this call submitted and whose answers may not be in the
+        cache, rebuilt from its record's rows (a re-run re-attaches to it), with each plan the
+        run may use (:meth:`_plans`; the plan takes the one found).
 
         A record whose rows are not all still to send (some answered since), or whose lines
         come out other than submitted, is left: its rows go into a new batch.
@@ -680,9 +650,7 @@ class BatchScheduler(Scheduler):
                 logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
                 status = await self._look(records, part, batch_id)
                 break
-            rows = None
-            if self._packer is not None:
-                rows = {cid: [_stem(job.key) for job in lines[cid].jobs] for cid in part.custom_ids}
+            rows = {cid: [_stem(job.key) for job in lines[cid].jobs] for cid in part.custom_ids}
             if not records.claim(
                 self._provider_name, self._base_url, part, self._wall(), record, rows
             ):
