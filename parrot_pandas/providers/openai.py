@@ -41,6 +41,7 @@ from .base import (
     RUN_QUOTA,
     RUN_REFUSED,
     UNSUPPORTED_STRATEGY,
+    BodyEncoder,
     Call,
     Completion,
     ErrorBody,
@@ -137,6 +138,7 @@ class OpenAIProvider:
         self._headers = {"Content-Type": "application/json", **self._auth_headers(api_key)}
         # Read once: every request asks whether it goes to the vendor (issue 12, CPU per row).
         self._host = urlsplit(self._base_url).hostname or ""
+        self._encoder = BodyEncoder(self.build)
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({redact_url(self._url)!r})"
@@ -184,6 +186,11 @@ class OpenAIProvider:
         # The shared prefix first and byte-stable, marked for the provider's prompt cache.
         body = self.with_prompt_cache(call, body)
         return HTTPRequest(self._url_for(call), self._headers, body)
+
+    def encode(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
+        """``build(call)`` as sent: URL, headers, the JSON body encoded (see
+        :class:`~.base.BodyEncoder`)."""
+        return self._encoder(call)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         choices = body.get("choices") if isinstance(body, Mapping) else None
