@@ -66,6 +66,8 @@ _SETUP_TRIES = 3
 
 T = TypeVar("T")
 
+_ONE_ROW = {False: RowsDone(1, False), True: RowsDone(1, True)}
+
 
 class _Gate:
     """A semaphore whose size can change while it is held (the concurrency target moves).
@@ -167,7 +169,7 @@ class Scheduler:
         # Samples one request can return (Anthropic: 1, as its API has no n).
         self._per_request = config.samples_per_request or config.n
         self._max_concurrency = config.max_concurrency
-        self._max_output = config.max_output_tokens
+        self._max_output = config.max_output_tokens or 0
         self._gate = _Gate(config.max_concurrency)
         self._latency: float | None = None
         self._tokens_per_request: float | None = None
@@ -406,9 +408,14 @@ class Scheduler:
         try:
             while len(job.samples) < self._n:
                 want = min(self._n - len(job.samples), self._per_request)
-                await self._retry.call(
-                    self._attempt, job, want, setup=setup, on_retry=self._on_retry
-                )
+                try:
+                    # The first try is awaited here: most succeed, and only a failed one enters
+                    # the retry policy, which judges it as try 1 (issue 12, CPU per row).
+                    await self._attempt(job, want)
+                except RETRIED as exc:
+                    await self._retry.call(
+                        self._attempt, job, want, setup=setup, on_retry=self._on_retry, failed=exc
+                    )
         except RETRIED as exc:
             scope = exc.verdict.scope
             if scope == "run" or (setup and scope == "strategy"):
@@ -430,14 +437,25 @@ class Scheduler:
 
     async def _attempt(self, job: Job, want: int) -> None:
         # One request: its good answers are kept (and cached) whatever else came with them.
-        # The request is awaited here, not in a helper coroutine: every coroutine frame is
-        # resumed on each wake-up of every request (issue 12, CPU per row).
+        # The request is awaited here, not through _exchange: every coroutine frame is resumed
+        # on each wake-up of every request (issue 12, CPU per row). _exchange is the same steps.
         plan = self.plan
         assert job.prompt is not None
         call = plan.call(job.prompt, want)
         cost = plan.cost(call, self._prompt_ratio)
-        completion, latency = await self._exchange(call, cost, want * (self._max_output or 0))
-        answers, unusable, problem = self._received(job, want, completion, latency)
+        await self.budget.acquire(cost)
+        self.usage.requests += 1
+        started = self._clock()
+        try:
+            completion = await self.client.send(call)
+        except RETRIED as exc:
+            self._refused(cost, exc)
+            raise
+        latency = self._clock() - started
+        self._answered(call, cost, want * self._max_output, completion, latency)
+        if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
+            _log_answer(job, want, completion, latency)
+        answers, unusable, problem = self._judge(completion, want)
         if answers:
             self._keep(job, answers)
         if unusable:
@@ -475,24 +493,6 @@ class Scheduler:
             taken.add(index)
             cache.put(job.key, index, text, model=self.plan.config.model)
 
-    def _received(
-        self, job: Job, want: int, completion: Completion, latency: float
-    ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
-        """One request's answer: its usable answers as (text, value), the texts whose values
-        can never parse, and the worst problem among the rest (``None`` if every answer is
-        usable)."""
-        if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
-            logger.debug(
-                "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",
-                job.key[:12] if len(job.key) == 64 else "(prompt)",
-                want,
-                len(completion.texts),
-                completion.prompt_tokens,
-                completion.completion_tokens,
-                latency,
-            )
-        return self._judge(completion, want)
-
     def _judge(
         self, completion: Completion, want: int
     ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
@@ -522,27 +522,38 @@ class Scheduler:
 
         ``cost`` is what the budget takes on admission; ``reserved`` its output share (what
         the provider counts for ``max_tokens``). Returns the completion and its latency;
-        raises the request's ``APIError`` (after telling the budget).
+        raises the request's ``APIError`` (after telling the budget). The packed path's
+        request; :meth:`_attempt` takes the same steps in its own frame.
         """
         await self.budget.acquire(cost)
-        usage = self.usage
-        usage.requests += 1
+        self.usage.requests += 1
         started = self._clock()
         try:
             completion = await self.client.send(call)
         except RETRIED as exc:
-            self.budget.settle(cost, 0)
-            if isinstance(exc, APIError):
-                self._react_to_error(exc)
+            self._refused(cost, exc)
             raise
         latency = self._clock() - started
+        self._answered(call, cost, reserved, completion, latency)
+        return completion, latency
+
+    def _refused(self, cost: int, exc: APIError | StructuredOutputError) -> None:
+        # A request without an answer: its tokens go back, and the budget hears what it said.
+        self.budget.settle(cost, 0)
+        if isinstance(exc, APIError):
+            self._react_to_error(exc)
+
+    def _answered(
+        self, call: Call, cost: int, reserved: int, completion: Completion, latency: float
+    ) -> None:
+        # An answered request: what it cost and took is learnt, and its limits observed.
         self._learn(
             call.n, cost, reserved, completion.prompt_tokens, completion.completion_tokens, latency
         )
         self.budget.observe(completion.limits)
+        usage = self.usage
         usage.prompt_tokens += completion.prompt_tokens
         usage.completion_tokens += completion.completion_tokens
-        return completion, latency
 
     def _react_to_error(self, exc: APIError) -> None:
         limits = exc.limits
@@ -614,7 +625,9 @@ class Scheduler:
 
     def _done(self, job: Job) -> None:
         self._close(job)
-        self._emit(RowsDone(job.rows, job.cached))
+        # Events are frozen: the common one-row event is made once (issue 12, CPU per row).
+        rows, cached = job.rows, job.cached
+        self._emit(_ONE_ROW[cached] if rows == 1 else RowsDone(rows, cached))
 
     def _fail(self, job: Job, exc: Exception) -> None:
         job.error = str(exc)
@@ -631,6 +644,18 @@ class Scheduler:
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:
             listener(event)
+
+
+def _log_answer(job: Job, want: int, completion: Completion, latency: float) -> None:
+    logger.debug(
+        "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",
+        job.key[:12] if len(job.key) == 64 else "(prompt)",
+        want,
+        len(completion.texts),
+        completion.prompt_tokens,
+        completion.completion_tokens,
+        latency,
+    )
 
 
 def _worse(
