@@ -65,6 +65,7 @@ class Client:
         self._proxies: dict[str, str | None] = {}
         # Prompt-cache tokens the live answers reported (read, written), summed.
         self.prompt_cache = CacheUsage()
+        self._cache_usage = getattr(provider, "cache_usage", None)  # optional for a provider
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
@@ -121,10 +122,12 @@ class Client:
             raise self._shown(exc, url) from None
         for problem in completion.problems:
             self._shown(problem, url)
-        reader = getattr(self.provider, "cache_usage", None)
+        reader = self._cache_usage
         if reader is not None:
             # Prompt-cache tokens of live answers, for attrs["llm"] and the cost.
-            self.prompt_cache += reader(body)
+            usage = reader(body)
+            if usage.read or usage.written:
+                self.prompt_cache += usage
         return completion
 
     def _shown(

@@ -47,9 +47,9 @@ _EPSILON = 1e-9
 try:  # aiohttp's header mappings; aiohttp depends on multidict
     from multidict import CIMultiDict, CIMultiDictProxy
 
-    _CASE_INSENSITIVE: tuple[type, ...] = (CIMultiDict, CIMultiDictProxy)
+    CASE_INSENSITIVE: tuple[type, ...] = (CIMultiDict, CIMultiDictProxy)
 except ImportError:  # pragma: no cover
-    _CASE_INSENSITIVE = ()
+    CASE_INSENSITIVE = ()
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 # Go's time.Duration.String() format, which OpenAI uses for x-ratelimit-reset-*.
@@ -118,7 +118,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     # mapping is never scanned: every response lacks these headers, and the scan of every
     # header per response was measurable.
     found = headers.get(name)
-    if found is not None or isinstance(headers, _CASE_INSENSITIVE):
+    if found is not None or isinstance(headers, CASE_INSENSITIVE):
         return found
     for key, val in headers.items():
         if key.lower() == name:

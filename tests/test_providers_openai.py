@@ -632,3 +632,24 @@ def test_encode_of_a_message_it_cannot_template_is_still_exact():
     for last in ({"role": "user", "content": parts}, {"role": "user", "content": "a", "name": "x"}):
         call = Call("m", (last,))
         assert provider.encode(call)[2] == json.dumps(provider.build(call).json).encode()
+
+
+def _headers(**values: str) -> CIMultiDictProxy:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
+
+
+def test_limits_repeated_by_the_next_response_are_not_read_again():
+    provider = OpenAIProvider("http://127.0.0.1:8080/v1", "k")
+    same = {"x_ratelimit_limit_requests": "60", "x_ratelimit_reset_requests": "1s"}
+    first = provider.limits(_headers(**same))
+    assert (first.limit_requests, first.reset_requests) == (60, 1.0)
+    assert provider.limits(_headers(**same)) is first
+    changed = provider.limits(_headers(**{**same, "x_ratelimit_reset_requests": "20ms"}))
+    assert changed.reset_requests == 0.02
+    # A retry-after is read every time: its HTTP-date form counts from the current time.
+    again = provider.limits(_headers(**same, retry_after="2"))
+    assert again.retry_after == 2.0 and again.limit_requests == 60
+    assert provider.limits(_headers(**same)).retry_after is None
+    # Plain dicts (hand-built headers) are matched case-insensitively for retry-after.
+    assert provider.limits({"Retry-After": "3"}).retry_after == 3.0
+    assert provider.limits(_headers()) == LimitInfo()

@@ -22,7 +22,7 @@ from ..errors import TRANSIENT, APIError, StructuredOutputError, Verdict
 __all__ = ["BodyEncoder", "Call", "Completion", "ErrorBody", "HTTPRequest", "Provider"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Call:
     """One request's content, provider-neutral.
 
@@ -38,6 +38,26 @@ class Call:
     schema: Mapping[str, Any] | None = None
     strategy: str | None = None
 
+    def __init__(
+        self,
+        model: str,
+        messages: tuple[Mapping[str, str], ...],
+        n: int = 1,
+        params: Mapping[str, Any] | None = None,
+        schema: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+    ) -> None:
+        # One is built for every request: filling the instance dict directly costs a fraction
+        # of the generated frozen __init__, which goes through object.__setattr__ per field.
+        self.__dict__.update(
+            model=model,
+            messages=messages,
+            n=n,
+            params={} if params is None else params,
+            schema=schema,
+            strategy=strategy,
+        )
+
 
 @dataclass(frozen=True)
 class HTTPRequest:
@@ -52,7 +72,7 @@ class HTTPRequest:
         return f"HTTPRequest(url={redact_url(self.url)!r}, json={self.json!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Completion:
     """One successful response: the usable answer texts (raw JSON for structured calls), usage,
     limits, and the answers that came back unusable.
@@ -67,6 +87,23 @@ class Completion:
     completion_tokens: int = 0
     limits: LimitInfo = field(default_factory=LimitInfo)
     problems: tuple[StructuredOutputError, ...] = ()
+
+    def __init__(
+        self,
+        texts: tuple[str, ...],
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        limits: LimitInfo | None = None,
+        problems: tuple[StructuredOutputError, ...] = (),
+    ) -> None:
+        # One per response: see Call.__init__.
+        self.__dict__.update(
+            texts=texts,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            limits=LimitInfo() if limits is None else limits,
+            problems=problems,
+        )
 
 
 class Provider(Protocol):

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._limits import LimitInfo, parse_duration, parse_retry_after
+from .._limits import CASE_INSENSITIVE, LimitInfo, parse_duration, parse_retry_after
 from .._secrets import redact_url
 from ..errors import RATE_LIMITED, APIError, StructuredOutputError, Verdict
 from ._openai_batch import OpenAIBatch
@@ -139,6 +139,9 @@ class OpenAIProvider:
         # Read once: every request asks whether it goes to the vendor (issue 12, CPU per row).
         self._host = urlsplit(self._base_url).hostname or ""
         self._encoder = BodyEncoder(self.build)
+        # The rate-limit header values of the last response without a retry-after, and what
+        # they said (see limits).
+        self._last_limits: tuple[tuple[str | None, ...], LimitInfo] = ((None,) * 6, LimitInfo())
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({redact_url(self._url)!r})"
@@ -193,7 +196,9 @@ class OpenAIProvider:
         return self._encoder(call)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
-        choices = body.get("choices") if isinstance(body, Mapping) else None
+        # `type(x) is dict` first: JSON bodies are dicts, and an ABC isinstance check costs
+        # several times more (issue 12, CPU per row).
+        choices = body.get("choices") if type(body) is dict or isinstance(body, Mapping) else None
         if not isinstance(choices, list):
             # vLLM can answer 200 with `"choices": null`, or with an error body (context too
             # long): that error is judged as if it had come with its own status.
@@ -210,10 +215,11 @@ class OpenAIProvider:
         texts: list[str] = []
         problems: list[StructuredOutputError] = []
         for choice in choices:
-            if not isinstance(choice, Mapping):
+            if not (type(choice) is dict or isinstance(choice, Mapping)):
                 continue
             message = choice.get("message")
-            message = message if isinstance(message, Mapping) else {}
+            if not (type(message) is dict or isinstance(message, Mapping)):
+                message = {}
             problem = self._finished_badly(call, choice.get("finish_reason"), message)
             if problem is not None:
                 problems.append(problem)
@@ -225,13 +231,14 @@ class OpenAIProvider:
             elif text is not None:
                 texts.append(text)
         usage = body.get("usage")
-        usage = usage if isinstance(usage, Mapping) else {}
+        if not (type(usage) is dict or isinstance(usage, Mapping)):
+            usage = {}
         return Completion(
-            texts=tuple(texts),
-            prompt_tokens=usage_count(usage.get("prompt_tokens")),
-            completion_tokens=usage_count(usage.get("completion_tokens")),
-            limits=self.limits(headers),
-            problems=tuple(problems),
+            tuple(texts),
+            usage_count(usage.get("prompt_tokens")),
+            usage_count(usage.get("completion_tokens")),
+            self.limits(headers),
+            tuple(problems),
         )
 
     def _finished_badly(
@@ -307,15 +314,32 @@ class OpenAIProvider:
         return bool(_STRUCTURED_WORDS.search(fault.message))
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
-        return LimitInfo(
-            limit_requests=header_int(headers.get("x-ratelimit-limit-requests")),
-            limit_tokens=header_int(headers.get("x-ratelimit-limit-tokens")),
-            remaining_requests=header_int(headers.get("x-ratelimit-remaining-requests")),
-            remaining_tokens=header_int(headers.get("x-ratelimit-remaining-tokens")),
-            reset_requests=_duration(headers.get("x-ratelimit-reset-requests")),
-            reset_tokens=_duration(headers.get("x-ratelimit-reset-tokens")),
+        get = headers.get
+        raw = (
+            get("x-ratelimit-limit-requests"),
+            get("x-ratelimit-limit-tokens"),
+            get("x-ratelimit-remaining-requests"),
+            get("x-ratelimit-remaining-tokens"),
+            get("x-ratelimit-reset-requests"),
+            get("x-ratelimit-reset-tokens"),
+        )
+        # Most responses repeat the previous one's values (or carry none): then its LimitInfo
+        # serves again. Never with a retry-after, whose HTTP-date form depends on the time.
+        last = self._last_limits
+        if raw == last[0] and isinstance(headers, CASE_INSENSITIVE) and _no_retry_after(get):
+            return last[1]
+        info = LimitInfo(
+            limit_requests=header_int(raw[0]),
+            limit_tokens=header_int(raw[1]),
+            remaining_requests=header_int(raw[2]),
+            remaining_tokens=header_int(raw[3]),
+            reset_requests=_duration(raw[4]),
+            reset_tokens=_duration(raw[5]),
             retry_after=parse_retry_after(headers),
         )
+        if info.retry_after is None:
+            self._last_limits = (raw, info)
+        return info
 
     # -- prompt caching and the Batch API (issue 14) -----------------------------------------
 
@@ -384,6 +408,10 @@ def _answer_text(message: Mapping[str, Any], *, structured: bool) -> str | None:
             p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
         )
     return content if isinstance(content, str) else None
+
+
+def _no_retry_after(get: Any) -> bool:
+    return get("retry-after-ms") is None and get("retry-after") is None
 
 
 def _duration(value: str | None) -> float | None:
