@@ -28,6 +28,7 @@ __all__ = ["Client"]
 # succeed. A certificate the client refuses will not change by asking again.
 _UNREACHABLE = Verdict("run", True, "unreachable")
 _BAD_CERTIFICATE = Verdict("run", False, "certificate")
+_JSON = json.JSONDecoder()
 
 
 class Client:
@@ -99,9 +100,8 @@ class Client:
         # (aiohttp's json= would build and dump a dict per request: issue 12, CPU per row).
         url, sent, data = self.provider.encode(call)
         try:
-            async with self._session.post(
-                url, data=data, headers=sent, proxy=self._proxy(url)
-            ) as response:
+            proxy = self._proxies[url] if url in self._proxies else self._proxy(url)
+            async with self._session.post(url, data=data, headers=sent, proxy=proxy) as response:
                 status = response.status
                 headers = response.headers
                 raw = await response.read()
@@ -111,7 +111,11 @@ class Client:
             ) from None
         except aiohttp.ClientError as exc:
             raise self._shown(_connection_error(exc), url) from None
-        body = _decode(raw)
+        try:
+            # UTF-8 decoded first: json.loads on bytes detects the encoding per call (issue 12).
+            body = _JSON.decode(raw.decode())
+        except ValueError:
+            body = _decode(raw)
         try:
             if not 200 <= status < 300:
                 raise self.provider.error(call, status, body, headers)
@@ -197,6 +201,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _decode(raw: bytes) -> Any:
+    # What the fast path could not read: another Unicode encoding (json.loads detects it), or
+    # not JSON at all (an HTML error page), kept as text for the error message.
     try:
         return json.loads(raw)
     except ValueError:

@@ -546,12 +546,16 @@ class RateBudget:
         tokens : int, default 0
             Estimated tokens of the request (prompt plus expected completion).
         """
-        self._note_cost(tokens)
-        if not self._queued and self._clock() >= self._paused_until and self._wait(tokens) <= 0:
-            # Nobody is queued and the request fits now: what the lock would grant at once,
-            # granted without it (most requests of an unlimited or unhurried run).
-            self._take(tokens)
-            return
+        if tokens > self._largest_cost:
+            self._note_cost(tokens)
+        if not self._queued and self._clock() >= self._paused_until:
+            if self._requests is None and self._tokens is None:
+                return  # no limit known: nothing to count
+            if self._wait(tokens) <= 0:
+                # Nobody is queued and the request fits now: what the lock would grant at
+                # once, granted without it (most requests of an unhurried run).
+                self._take(tokens)
+                return
         # One waiter at a time sleeps on the buckets; the rest queue on a FIFO lock.
         # That is fair, and it is cheaper than waking every waiter for each slot.
         # A pause or resize during a nap is seen when the nap ends (the loop
@@ -604,7 +608,8 @@ class RateBudget:
         actual : int
             Tokens the server counted. Fewer are given back; more are taken.
         """
-        self._note_cost(actual)
+        if actual > self._largest_cost:
+            self._note_cost(actual)
         if self._tokens is None:
             return
         if actual > estimated:

@@ -543,18 +543,6 @@ class Scheduler:
         if isinstance(exc, APIError):
             self._react_to_error(exc)
 
-    def _answered(
-        self, call: Call, cost: int, reserved: int, completion: Completion, latency: float
-    ) -> None:
-        # An answered request: what it cost and took is learnt, and its limits observed.
-        self._learn(
-            call.n, cost, reserved, completion.prompt_tokens, completion.completion_tokens, latency
-        )
-        self.budget.observe(completion.limits)
-        usage = self.usage
-        usage.prompt_tokens += completion.prompt_tokens
-        usage.completion_tokens += completion.completion_tokens
-
     def _react_to_error(self, exc: APIError) -> None:
         limits = exc.limits
         if limits is not None:
@@ -567,25 +555,25 @@ class Scheduler:
         elif exc.verdict.retry and exc.retry_after:
             self.budget.pause(min(exc.retry_after, MAX_PAUSE))
 
-    def _learn(
-        self,
-        want: int,
-        cost: int,
-        reserved: int,
-        prompt_tokens: int,
-        completion_tokens: int,
-        latency: float,
+    def _answered(
+        self, call: Call, cost: int, reserved: int, completion: Completion, latency: float
     ) -> None:
-        # Moving averages (weights 0.2 and 0.1) of what requests really cost and take.
+        # An answered request: its tokens are counted, its limits observed, and moving averages
+        # (weights 0.2 and 0.1) learn what requests really cost and take.
+        prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        usage = self.usage
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        budget = self.budget
         if prompt_tokens:
             # Providers count prompt + max_tokens at admission; without max_tokens, what was
             # produced.
             actual = prompt_tokens + (reserved or completion_tokens)
-            self.budget.settle(cost, actual)
+            budget.settle(cost, actual)
             estimate = (cost - reserved) / self._prompt_ratio
             if estimate > 0:
                 self._prompt_ratio += 0.2 * (prompt_tokens / estimate - self._prompt_ratio)
-            per_request = actual / max(want, 1)
+            per_request = actual / max(call.n, 1)
             previous = self._tokens_per_request
             self._tokens_per_request = (
                 per_request if previous is None else previous + 0.1 * (per_request - previous)
@@ -593,6 +581,7 @@ class Scheduler:
         previous = self._latency
         self._latency = latency if previous is None else previous + 0.1 * (latency - previous)
         self._resize()
+        budget.observe(completion.limits)
 
     def _resize(self) -> None:
         # Little's law: in-flight requests = sustainable rate x time in flight. A margin covers

@@ -195,23 +195,20 @@ class BodyEncoder:
         text = last.get("content") if last is not None and len(last) == 2 else None
         if type(text) is not str:
             return self._full(call)
+        params, schema = call.params, call.schema
+        shape: tuple[Any, ...] = (call.model, call.n, call.strategy, id(params), id(schema))
+        if len(messages) == 1:
+            shape += (last.get("role"),)
+        else:
+            shape += (last.get("role"), *map(_items, messages[:-1]))
         try:
-            shape = (
-                call.model,
-                call.n,
-                call.strategy,
-                id(call.params),
-                id(call.schema),
-                last.get("role"),
-                *[tuple(m.items()) for m in messages[:-1]],
-            )
             parts = self._shapes[shape]
         except KeyError:
             parts = self._learn(shape, call)
         except TypeError:  # an unhashable message value: no shape to remember
             return self._full(call)
         # The ids are only valid while the same objects are alive: the parts keep them.
-        if parts is None or parts[0] is not call.params or parts[1] is not call.schema:
+        if parts is None or parts[0] is not params or parts[1] is not schema:
             return self._full(call)
         _, _, url, headers, head, tail = parts
         return url, headers, (head + encode_basestring_ascii(text) + tail).encode()
@@ -237,6 +234,10 @@ class BodyEncoder:
             parts = (call.params, call.schema, request.url, request.headers, head, tail)
         self._shapes[shape] = parts
         return parts
+
+
+def _items(message: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(message.items())
 
 
 # -- what provider modules share -------------------------------------------------------------

@@ -96,6 +96,9 @@ _STRUCTURED_WORDS = re.compile(
 _ROW_PARAMS = re.compile(r"^(messages|prompt|input)\b")
 
 
+_NO_CACHE_USAGE = CacheUsage()
+
+
 class OpenAIProvider:
     """``POST {base_url}/chat/completions`` with a bearer key.
 
@@ -220,11 +223,16 @@ class OpenAIProvider:
             message = choice.get("message")
             if not (type(message) is dict or isinstance(message, Mapping)):
                 message = {}
-            problem = self._finished_badly(call, choice.get("finish_reason"), message)
-            if problem is not None:
-                problems.append(problem)
-                continue
-            text = _answer_text(message, structured=structured)
+            finish = choice.get("finish_reason")
+            # Asked only when something may be wrong: most choices stop on their own.
+            if finish == "length" or finish == "content_filter" or message.get("refusal"):
+                problem = self._finished_badly(call, finish, message)
+                if problem is not None:
+                    problems.append(problem)
+                    continue
+            text = None if structured else message.get("content")
+            if type(text) is not str:  # a tool call, content parts, or nothing
+                text = _answer_text(message, structured=structured)
             if structured and unstructured(text):
                 sends = call.strategy in _PARAMETER_STRATEGIES
                 problems.append(no_structure(call, sends_parameter=sends))
@@ -233,10 +241,11 @@ class OpenAIProvider:
         usage = body.get("usage")
         if not (type(usage) is dict or isinstance(usage, Mapping)):
             usage = {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         return Completion(
             tuple(texts),
-            usage_count(usage.get("prompt_tokens")),
-            usage_count(usage.get("completion_tokens")),
+            prompt if type(prompt) is int and prompt >= 0 else usage_count(prompt),
+            completion if type(completion) is int and completion >= 0 else usage_count(completion),
             self.limits(headers),
             tuple(problems),
         )
@@ -326,7 +335,12 @@ class OpenAIProvider:
         # Most responses repeat the previous one's values (or carry none): then its LimitInfo
         # serves again. Never with a retry-after, whose HTTP-date form depends on the time.
         last = self._last_limits
-        if raw == last[0] and isinstance(headers, CASE_INSENSITIVE) and _no_retry_after(get):
+        if (
+            raw == last[0]
+            and isinstance(headers, CASE_INSENSITIVE)
+            and get("retry-after-ms") is None
+            and get("retry-after") is None
+        ):
             return last[1]
         info = LimitInfo(
             limit_requests=header_int(raw[0]),
@@ -356,6 +370,14 @@ class OpenAIProvider:
 
     def cache_usage(self, body: Any) -> CacheUsage:
         """Prompt-cache tokens of a response body (``prompt_tokens_details.cached_tokens``)."""
+        # Most answers read nothing from the cache: said without a CacheUsage of their own.
+        usage = body.get("usage") if type(body) is dict else body
+        if usage is None:
+            return _NO_CACHE_USAGE
+        if type(usage) is dict:
+            details = usage.get("prompt_tokens_details")
+            if details is None or (type(details) is dict and not details.get("cached_tokens")):
+                return _NO_CACHE_USAGE
         return openai_cache_usage(body)
 
     def batch(self) -> OpenAIBatch:
@@ -408,10 +430,6 @@ def _answer_text(message: Mapping[str, Any], *, structured: bool) -> str | None:
             p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
         )
     return content if isinstance(content, str) else None
-
-
-def _no_retry_after(get: Any) -> bool:
-    return get("retry-after-ms") is None and get("retry-after") is None
 
 
 def _duration(value: str | None) -> float | None:
