@@ -629,9 +629,11 @@ def test_encode_sends_the_bytes_json_dumps_would(provider):
 def test_encode_of_a_message_it_cannot_template_is_still_exact():
     provider = OpenAIProvider("http://127.0.0.1:8080/v1", "k")
     parts = [{"type": "text", "text": "hi"}]
-    for last in ({"role": "user", "content": parts}, {"role": "user", "content": "a", "name": "x"}):
-        call = Call("m", (last,))
+    odd = ({"role": "user", "content": parts}, {"role": "user", "content": "a", "name": "x"})
+    for messages in [(odd[0],), (odd[1],), ()]:
+        call = Call("m", messages)
         assert provider.encode(call)[2] == json.dumps(provider.build(call).json).encode()
+    assert provider._encoder._shapes == {}  # none of them was made a shape
 
 
 def _headers(**values: str) -> CIMultiDictProxy:

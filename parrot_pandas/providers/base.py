@@ -191,8 +191,10 @@ class BodyEncoder:
 
     def __call__(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
         messages = call.messages
-        last = messages[-1] if messages else None
-        text = last.get("content") if last is not None and len(last) == 2 else None
+        if not messages:
+            return self._full(call)
+        last = messages[-1]
+        text = last.get("content") if len(last) == 2 else None
         if type(text) is not str:
             return self._full(call)
         params, schema = call.params, call.schema
