@@ -437,22 +437,11 @@ class Scheduler:
 
     async def _attempt(self, job: Job, want: int) -> None:
         # One request: its good answers are kept (and cached) whatever else came with them.
-        # The request is awaited here, not through _exchange: every coroutine frame is resumed
-        # on each wake-up of every request (issue 12, CPU per row). _exchange is the same steps.
         plan = self.plan
         assert job.prompt is not None
         call = plan.call(job.prompt, want)
         cost = plan.cost(call, self._prompt_ratio)
-        await self.budget.acquire(cost)
-        self.usage.requests += 1
-        started = self._clock()
-        try:
-            completion = await self.client.send(call)
-        except RETRIED as exc:
-            self._refused(cost, exc)
-            raise
-        latency = self._clock() - started
-        self._answered(call, cost, want * self._max_output, completion, latency)
+        completion, latency = await self._exchange(call, cost, want * self._max_output)
         if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
             _log_answer(job, want, completion, latency)
         answers, unusable, problem = self._judge(completion, want)
@@ -522,8 +511,7 @@ class Scheduler:
 
         ``cost`` is what the budget takes on admission; ``reserved`` its output share (what
         the provider counts for ``max_tokens``). Returns the completion and its latency;
-        raises the request's ``APIError`` (after telling the budget). The packed path's
-        request; :meth:`_attempt` takes the same steps in its own frame.
+        raises the request's ``APIError`` (after telling the budget).
         """
         await self.budget.acquire(cost)
         self.usage.requests += 1
@@ -531,17 +519,13 @@ class Scheduler:
         try:
             completion = await self.client.send(call)
         except RETRIED as exc:
-            self._refused(cost, exc)
+            self.budget.settle(cost, 0)
+            if isinstance(exc, APIError):
+                self._react_to_error(exc)
             raise
         latency = self._clock() - started
         self._answered(call, cost, reserved, completion, latency)
         return completion, latency
-
-    def _refused(self, cost: int, exc: APIError | StructuredOutputError) -> None:
-        # A request without an answer: its tokens go back, and the budget hears what it said.
-        self.budget.settle(cost, 0)
-        if isinstance(exc, APIError):
-            self._react_to_error(exc)
 
     def _react_to_error(self, exc: APIError) -> None:
         limits = exc.limits
