@@ -28,6 +28,7 @@ __all__ = ["Client"]
 # succeed. A certificate the client refuses will not change by asking again.
 _UNREACHABLE = Verdict("run", True, "unreachable")
 _BAD_CERTIFICATE = Verdict("run", False, "certificate")
+_JSON = json.JSONDecoder()
 
 
 class Client:
@@ -65,6 +66,7 @@ class Client:
         self._proxies: dict[str, str | None] = {}
         # Prompt-cache tokens the live answers reported (read, written), summed.
         self.prompt_cache = CacheUsage()
+        self._cache_usage = getattr(provider, "cache_usage", None)  # optional for a provider
 
     async def __aenter__(self) -> Client:
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
@@ -94,15 +96,12 @@ class Client:
             The response holds no answer at all.
         """
         assert self._session is not None, "use `async with Client(...)`"
-        request = self.provider.build(call)
-        url = request.url
+        # The body comes encoded from the provider, built from parts made once per run
+        # (aiohttp's json= would build and dump a dict per request: issue 12, CPU per row).
+        url, sent, data = self.provider.encode(call)
         try:
-            async with self._session.post(
-                url,
-                json=request.json,
-                headers=request.headers,
-                proxy=self._proxy(url),
-            ) as response:
+            proxy = self._proxies[url] if url in self._proxies else self._proxy(url)
+            async with self._session.post(url, data=data, headers=sent, proxy=proxy) as response:
                 status = response.status
                 headers = response.headers
                 raw = await response.read()
@@ -112,7 +111,11 @@ class Client:
             ) from None
         except aiohttp.ClientError as exc:
             raise self._shown(_connection_error(exc), url) from None
-        body = _decode(raw)
+        try:
+            # UTF-8 decoded first: json.loads on bytes detects the encoding per call (issue 12).
+            body = _JSON.decode(raw.decode())
+        except ValueError:
+            body = _decode(raw)
         try:
             if not 200 <= status < 300:
                 raise self.provider.error(call, status, body, headers)
@@ -123,10 +126,12 @@ class Client:
             raise self._shown(exc, url) from None
         for problem in completion.problems:
             self._shown(problem, url)
-        reader = getattr(self.provider, "cache_usage", None)
+        reader = self._cache_usage
         if reader is not None:
             # Prompt-cache tokens of live answers, for attrs["llm"] and the cost.
-            self.prompt_cache += reader(body)
+            usage = reader(body)
+            if usage.read or usage.written:
+                self.prompt_cache += usage
         return completion
 
     def _shown(
@@ -196,6 +201,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _decode(raw: bytes) -> Any:
+    # What the fast path could not read: another Unicode encoding (json.loads detects it), or
+    # not JSON at all (an HTML error page), kept as text for the error message.
     try:
         return json.loads(raw)
     except ValueError:

@@ -47,9 +47,9 @@ _EPSILON = 1e-9
 try:  # aiohttp's header mappings; aiohttp depends on multidict
     from multidict import CIMultiDict, CIMultiDictProxy
 
-    _CASE_INSENSITIVE: tuple[type, ...] = (CIMultiDict, CIMultiDictProxy)
+    CASE_INSENSITIVE: tuple[type, ...] = (CIMultiDict, CIMultiDictProxy)
 except ImportError:  # pragma: no cover
-    _CASE_INSENSITIVE = ()
+    CASE_INSENSITIVE = ()
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 # Go's time.Duration.String() format, which OpenAI uses for x-ratelimit-reset-*.
@@ -118,7 +118,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     # mapping is never scanned: every response lacks these headers, and the scan of every
     # header per response was measurable.
     found = headers.get(name)
-    if found is not None or isinstance(headers, _CASE_INSENSITIVE):
+    if found is not None or isinstance(headers, CASE_INSENSITIVE):
         return found
     for key, val in headers.items():
         if key.lower() == name:
@@ -546,12 +546,16 @@ class RateBudget:
         tokens : int, default 0
             Estimated tokens of the request (prompt plus expected completion).
         """
-        self._note_cost(tokens)
-        if not self._queued and self._clock() >= self._paused_until and self._wait(tokens) <= 0:
-            # Nobody is queued and the request fits now: what the lock would grant at once,
-            # granted without it (most requests of an unlimited or unhurried run).
-            self._take(tokens)
-            return
+        if tokens > self._largest_cost:
+            self._note_cost(tokens)
+        if not self._queued and self._clock() >= self._paused_until:
+            if self._requests is None and self._tokens is None:
+                return  # no limit known: nothing to count
+            if self._wait(tokens) <= 0:
+                # Nobody is queued and the request fits now: what the lock would grant at
+                # once, granted without it (most requests of an unhurried run).
+                self._take(tokens)
+                return
         # One waiter at a time sleeps on the buckets; the rest queue on a FIFO lock.
         # That is fair, and it is cheaper than waking every waiter for each slot.
         # A pause or resize during a nap is seen when the nap ends (the loop
@@ -604,7 +608,8 @@ class RateBudget:
         actual : int
             Tokens the server counted. Fewer are given back; more are taken.
         """
-        self._note_cost(actual)
+        if actual > self._largest_cost:
+            self._note_cost(actual)
         if self._tokens is None:
             return
         if actual > estimated:

@@ -80,26 +80,33 @@ class RetryPolicy:
         *args: Any,
         setup: bool = False,
         on_retry: OnRetry | None = None,
+        failed: APIError | StructuredOutputError | None = None,
     ) -> T:
         """Await ``attempt(*args)`` until it succeeds or the policy gives up (then re-raise).
 
-        ``on_retry(attempt_number, wait, error)`` is called before each wait.
+        ``on_retry(attempt_number, wait, error)`` is called before each wait. ``failed`` is the
+        error of a first try the caller made itself (the scheduler awaits a request's first try
+        directly, so that one that succeeds never enters this loop): it is judged as try 1.
         """
-        tries = 0
+        tries = 1
+        error = failed
         waits: Iterator[float] | None = None
         while True:
+            if error is None:
+                try:
+                    return await attempt(*args)
+                except RETRIED as exc:
+                    error = exc
+            if self.gives_up(error, tries, setup=setup):
+                raise error
+            if waits is None:  # made on the first failure: most requests never need it
+                waits = self._waits()
+            wait = next(waits)
+            if on_retry is not None:
+                on_retry(tries, wait, error)
+            await self.sleep(wait)
             tries += 1
-            try:
-                return await attempt(*args)
-            except RETRIED as exc:
-                if self.gives_up(exc, tries, setup=setup):
-                    raise
-                if waits is None:  # made on the first failure: most requests never need it
-                    waits = self._waits()
-                wait = next(waits)
-                if on_retry is not None:
-                    on_retry(tries, wait, exc)
-                await self.sleep(wait)
+            error = None
 
     def _waits(self) -> Iterator[float]:
         bounds = backoff.expo(factor=self.factor, max_value=self.max_wait)

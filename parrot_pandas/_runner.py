@@ -46,17 +46,28 @@ def run_sync(make: Callable[[], Awaitable[T]], *, running_loop: str = "thread") 
     except RuntimeError:
         loop = None
     if loop is None:
-        return asyncio.run(_call(make))
+        return asyncio.run(_call(make)).value
     if running_loop == "nest":
         import nest_asyncio
 
         nest_asyncio.apply(loop)
-        return loop.run_until_complete(_call(make))
+        return loop.run_until_complete(_call(make)).value
     return _run_in_thread(make)
 
 
-async def _call(make: Callable[[], Awaitable[T]]) -> T:
-    return await make()
+class _Held:
+    """A run's result, out of sight of ``repr``: on Python 3.11 ``asyncio.run`` builds the repr
+    of its main task, result included, when it puts the SIGINT handler back, and a DataFrame's
+    repr costs milliseconds (issue 12, CPU per row)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+async def _call(make: Callable[[], Awaitable[T]]) -> _Held:
+    return _Held(await make())
 
 
 def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:

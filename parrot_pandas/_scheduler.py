@@ -66,6 +66,8 @@ _SETUP_TRIES = 3
 
 T = TypeVar("T")
 
+_ONE_ROW = {False: RowsDone(1, False), True: RowsDone(1, True)}
+
 
 class _Gate:
     """A semaphore whose size can change while it is held (the concurrency target moves).
@@ -167,7 +169,7 @@ class Scheduler:
         # Samples one request can return (Anthropic: 1, as its API has no n).
         self._per_request = config.samples_per_request or config.n
         self._max_concurrency = config.max_concurrency
-        self._max_output = config.max_output_tokens
+        self._max_output = config.max_output_tokens or 0
         self._gate = _Gate(config.max_concurrency)
         self._latency: float | None = None
         self._tokens_per_request: float | None = None
@@ -406,9 +408,14 @@ class Scheduler:
         try:
             while len(job.samples) < self._n:
                 want = min(self._n - len(job.samples), self._per_request)
-                await self._retry.call(
-                    self._attempt, job, want, setup=setup, on_retry=self._on_retry
-                )
+                try:
+                    # The first try is awaited here: most succeed, and only a failed one enters
+                    # the retry policy, which judges it as try 1 (issue 12, CPU per row).
+                    await self._attempt(job, want)
+                except RETRIED as exc:
+                    await self._retry.call(
+                        self._attempt, job, want, setup=setup, on_retry=self._on_retry, failed=exc
+                    )
         except RETRIED as exc:
             scope = exc.verdict.scope
             if scope == "run" or (setup and scope == "strategy"):
@@ -430,14 +437,14 @@ class Scheduler:
 
     async def _attempt(self, job: Job, want: int) -> None:
         # One request: its good answers are kept (and cached) whatever else came with them.
-        # The request is awaited here, not in a helper coroutine: every coroutine frame is
-        # resumed on each wake-up of every request (issue 12, CPU per row).
         plan = self.plan
         assert job.prompt is not None
         call = plan.call(job.prompt, want)
         cost = plan.cost(call, self._prompt_ratio)
-        completion, latency = await self._exchange(call, cost, want * (self._max_output or 0))
-        answers, unusable, problem = self._received(job, want, completion, latency)
+        completion, latency = await self._exchange(call, cost, want * self._max_output)
+        if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
+            _log_answer(job, want, completion, latency)
+        answers, unusable, problem = self._judge(completion, want)
         if answers:
             self._keep(job, answers)
         if unusable:
@@ -475,24 +482,6 @@ class Scheduler:
             taken.add(index)
             cache.put(job.key, index, text, model=self.plan.config.model)
 
-    def _received(
-        self, job: Job, want: int, completion: Completion, latency: float
-    ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
-        """One request's answer: its usable answers as (text, value), the texts whose values
-        can never parse, and the worst problem among the rest (``None`` if every answer is
-        usable)."""
-        if logger.isEnabledFor(logging.DEBUG):  # checked first: this is the hot path
-            logger.debug(
-                "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",
-                job.key[:12] if len(job.key) == 64 else "(prompt)",
-                want,
-                len(completion.texts),
-                completion.prompt_tokens,
-                completion.completion_tokens,
-                latency,
-            )
-        return self._judge(completion, want)
-
     def _judge(
         self, completion: Completion, want: int
     ) -> tuple[list[tuple[str, Any]], list[str], StructuredOutputError | None]:
@@ -525,8 +514,7 @@ class Scheduler:
         raises the request's ``APIError`` (after telling the budget).
         """
         await self.budget.acquire(cost)
-        usage = self.usage
-        usage.requests += 1
+        self.usage.requests += 1
         started = self._clock()
         try:
             completion = await self.client.send(call)
@@ -536,12 +524,7 @@ class Scheduler:
                 self._react_to_error(exc)
             raise
         latency = self._clock() - started
-        self._learn(
-            call.n, cost, reserved, completion.prompt_tokens, completion.completion_tokens, latency
-        )
-        self.budget.observe(completion.limits)
-        usage.prompt_tokens += completion.prompt_tokens
-        usage.completion_tokens += completion.completion_tokens
+        self._answered(call, cost, reserved, completion, latency)
         return completion, latency
 
     def _react_to_error(self, exc: APIError) -> None:
@@ -556,25 +539,25 @@ class Scheduler:
         elif exc.verdict.retry and exc.retry_after:
             self.budget.pause(min(exc.retry_after, MAX_PAUSE))
 
-    def _learn(
-        self,
-        want: int,
-        cost: int,
-        reserved: int,
-        prompt_tokens: int,
-        completion_tokens: int,
-        latency: float,
+    def _answered(
+        self, call: Call, cost: int, reserved: int, completion: Completion, latency: float
     ) -> None:
-        # Moving averages (weights 0.2 and 0.1) of what requests really cost and take.
+        # An answered request: its tokens are counted, its limits observed, and moving averages
+        # (weights 0.2 and 0.1) learn what requests really cost and take.
+        prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        usage = self.usage
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        budget = self.budget
         if prompt_tokens:
             # Providers count prompt + max_tokens at admission; without max_tokens, what was
             # produced.
             actual = prompt_tokens + (reserved or completion_tokens)
-            self.budget.settle(cost, actual)
+            budget.settle(cost, actual)
             estimate = (cost - reserved) / self._prompt_ratio
             if estimate > 0:
                 self._prompt_ratio += 0.2 * (prompt_tokens / estimate - self._prompt_ratio)
-            per_request = actual / max(want, 1)
+            per_request = actual / max(call.n, 1)
             previous = self._tokens_per_request
             self._tokens_per_request = (
                 per_request if previous is None else previous + 0.1 * (per_request - previous)
@@ -582,6 +565,7 @@ class Scheduler:
         previous = self._latency
         self._latency = latency if previous is None else previous + 0.1 * (latency - previous)
         self._resize()
+        budget.observe(completion.limits)
 
     def _resize(self) -> None:
         # Little's law: in-flight requests = sustainable rate x time in flight. A margin covers
@@ -614,7 +598,9 @@ class Scheduler:
 
     def _done(self, job: Job) -> None:
         self._close(job)
-        self._emit(RowsDone(job.rows, job.cached))
+        # Events are frozen: the common one-row event is made once (issue 12, CPU per row).
+        rows, cached = job.rows, job.cached
+        self._emit(_ONE_ROW[cached] if rows == 1 else RowsDone(rows, cached))
 
     def _fail(self, job: Job, exc: Exception) -> None:
         job.error = str(exc)
@@ -631,6 +617,18 @@ class Scheduler:
     def _emit(self, event: Event) -> None:
         for listener in self.listeners:
             listener(event)
+
+
+def _log_answer(job: Job, want: int, completion: Completion, latency: float) -> None:
+    logger.debug(
+        "request %s n=%d: %d answer(s), %d+%d tokens, %.3fs",
+        job.key[:12] if len(job.key) == 64 else "(prompt)",
+        want,
+        len(completion.texts),
+        completion.prompt_tokens,
+        completion.completion_tokens,
+        latency,
+    )
 
 
 def _worse(

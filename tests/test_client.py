@@ -81,7 +81,9 @@ async def test_the_request_carries_the_payload_and_the_key(mock):
     await send()
     (((method, url), (request,)),) = mock.requests.items()
     assert (method, str(url)) == ("POST", URL)
-    assert request.kwargs["json"] == {
+    # The body goes encoded (the provider's BodyEncoder), as json.dumps would write it.
+    assert request.kwargs["headers"]["Content-Type"] == "application/json"
+    assert json.loads(request.kwargs["data"]) == {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
         "temperature": 0,

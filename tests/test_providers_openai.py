@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -11,6 +12,8 @@ from parrot_pandas._config import RunConfig
 from parrot_pandas._limits import LimitInfo
 from parrot_pandas.errors import APIError, StructuredOutputError, Verdict
 from parrot_pandas.providers import Call, Completion, OpenAIProvider, provider_for
+from parrot_pandas.providers.anthropic import AnthropicProvider
+from parrot_pandas.providers.azure import AzureOpenAIProvider
 from parrot_pandas.providers.openai import TOOL_NAME
 
 KEY = "sk-test-0123456789abcdef"
@@ -580,3 +583,75 @@ def test_fractional_counts_are_truncated():
         OpenAIProvider(URL).limits(headers(x_ratelimit_remaining_tokens="12.7")).remaining_tokens
         == 12
     )
+
+
+# -- the body as sent: encoded from parts made once per shape (issue 12) -------------------------
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        OpenAIProvider("http://127.0.0.1:8080/v1", "k"),
+        OpenAIProvider("https://api.openai.com/v1", "k"),  # with prompt_cache_key
+        AnthropicProvider("https://api.anthropic.com", "k"),  # with cache_control
+        AzureOpenAIProvider("https://r.openai.azure.com", "k", api_version="2024-10-21"),
+    ],
+    ids=["local", "openai", "anthropic", "azure"],
+)
+def test_encode_sends_the_bytes_json_dumps_would(provider):
+    params = MappingProxyType({"temperature": 0, "extra_body": {"seed": 1}})
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    texts = ["hi", 'quotes " \\ and \n, \u00e9, \x00 and \U0001f600', "x" * 5000]
+    for n in (1, 3):
+        for strategy, shape in ((None, None), ("tools", schema), ("json_schema", schema)):
+            for system in (None, "Be brief. " * 600):
+                head = ({"role": "system", "content": system},) if system else ()
+                for text in texts:
+                    call = Call(
+                        "m",
+                        (*head, {"role": "user", "content": text}),
+                        n=n,
+                        params=params,
+                        schema=shape,
+                        strategy=strategy,
+                    )
+                    request = provider.build(call)
+                    assert provider.encode(call) == (
+                        request.url,
+                        request.headers,
+                        json.dumps(request.json).encode(),
+                    )
+    # One shape per (n, strategy, system): every text after the first reused its parts.
+    assert len(provider._encoder._shapes) == 12
+    assert None not in provider._encoder._shapes.values()
+
+
+def test_encode_of_a_message_it_cannot_template_is_still_exact():
+    provider = OpenAIProvider("http://127.0.0.1:8080/v1", "k")
+    parts = [{"type": "text", "text": "hi"}]
+    odd = ({"role": "user", "content": parts}, {"role": "user", "content": "a", "name": "x"})
+    for messages in [(odd[0],), (odd[1],), ()]:
+        call = Call("m", messages)
+        assert provider.encode(call)[2] == json.dumps(provider.build(call).json).encode()
+    assert provider._encoder._shapes == {}  # none of them was made a shape
+
+
+def _headers(**values: str) -> CIMultiDictProxy:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
+
+
+def test_limits_repeated_by_the_next_response_are_not_read_again():
+    provider = OpenAIProvider("http://127.0.0.1:8080/v1", "k")
+    same = {"x_ratelimit_limit_requests": "60", "x_ratelimit_reset_requests": "1s"}
+    first = provider.limits(_headers(**same))
+    assert (first.limit_requests, first.reset_requests) == (60, 1.0)
+    assert provider.limits(_headers(**same)) is first
+    changed = provider.limits(_headers(**{**same, "x_ratelimit_reset_requests": "20ms"}))
+    assert changed.reset_requests == 0.02
+    # A retry-after is read every time: its HTTP-date form counts from the current time.
+    again = provider.limits(_headers(**same, retry_after="2"))
+    assert again.retry_after == 2.0 and again.limit_requests == 60
+    assert provider.limits(_headers(**same)).retry_after is None
+    # Plain dicts (hand-built headers) are matched case-insensitively for retry-after.
+    assert provider.limits({"Retry-After": "3"}).retry_after == 3.0
+    assert provider.limits(_headers()) == LimitInfo()

@@ -74,3 +74,26 @@ async def test_nothing_but_verdict_carrying_errors_is_caught(fake_clock):
     with pytest.raises(asyncio.CancelledError):
         await RetryPolicy(sleep=fake_clock.sleep).call(cancelled, "x")
     assert fake_clock.slept == []
+
+
+async def test_a_first_try_made_by_the_caller_counts_as_try_one(fake_clock):
+    # The scheduler awaits a request's first try itself and hands a failure over as `failed`.
+    attempt, calls = failing_then_ok([APIError("busy", status=500)] * 10)
+    seen: list[int] = []
+    policy = RetryPolicy(tries=3, sleep=fake_clock.sleep)
+    with pytest.raises(APIError):
+        await policy.call(
+            attempt, "x", failed=APIError("busy", status=500), on_retry=lambda n, *_: seen.append(n)
+        )
+    assert len(calls) == 2 and seen == [1, 2]  # 3 tries in all, the caller's included
+    attempt, calls = failing_then_ok([])
+    assert await policy.call(attempt, "ok", failed=APIError("busy", status=503)) == "ok"
+    assert len(calls) == 1
+
+
+async def test_a_first_try_that_will_repeat_is_not_sent_again(fake_clock):
+    attempt, calls = failing_then_ok([])
+    refused = APIError("bad key", status=401)
+    with pytest.raises(APIError) as info:
+        await RetryPolicy(tries=7, sleep=fake_clock.sleep).call(attempt, "x", failed=refused)
+    assert info.value is refused and calls == [] and fake_clock.slept == []

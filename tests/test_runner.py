@@ -323,3 +323,24 @@ def test_ctrl_c_while_the_stream_thread_starts_still_closes_the_stream(monkeypat
             next(stream)
     assert closed.is_set()
     assert _run_threads() == []
+
+
+def test_the_result_is_never_formatted_on_the_way_back():
+    # Python 3.11's asyncio.run formats its main task (result included) when it puts the SIGINT
+    # handler back: a DataFrame's repr cost milliseconds per call (issue 12).
+    formatted: list[int] = []
+
+    class Result:
+        def __repr__(self) -> str:
+            formatted.append(1)
+            return "Result()"
+
+    async def make() -> Result:
+        return Result()
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a script
+    try:
+        assert isinstance(run_sync(make), Result)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert formatted == []

@@ -48,6 +48,7 @@ from .base import (
     RUN_QUOTA,
     RUN_REFUSED,
     UNSUPPORTED_STRATEGY,
+    BodyEncoder,
     Call,
     Completion,
     ErrorBody,
@@ -156,6 +157,7 @@ class AnthropicProvider:
         if api_key:
             self._headers["x-api-key"] = api_key
         self._clock = clock
+        self._encoder = BodyEncoder(self.build)
 
     def __repr__(self) -> str:
         return f"AnthropicProvider({redact_url(self._url)!r})"
@@ -216,6 +218,11 @@ class AnthropicProvider:
         # The shared prefix first and byte-stable, marked for the provider's prompt cache.
         body = self.with_prompt_cache(call, body)
         return HTTPRequest(self._url, self._headers, body)
+
+    def encode(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
+        """``build(call)`` as sent: URL, headers, the JSON body encoded (see
+        :class:`~.base.BodyEncoder`)."""
+        return self._encoder(call)
 
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         content = body.get("content") if isinstance(body, Mapping) else None

@@ -8,18 +8,21 @@ that can read its protocol's status codes, error bodies and finish reasons.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any, Protocol
 
 from .._limits import LimitInfo
 from .._secrets import redact_url
 from ..errors import TRANSIENT, APIError, StructuredOutputError, Verdict
 
-__all__ = ["Call", "Completion", "ErrorBody", "HTTPRequest", "Provider"]
+__all__ = ["BodyEncoder", "Call", "Completion", "ErrorBody", "HTTPRequest", "Provider"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Call:
     """One request's content, provider-neutral.
 
@@ -35,6 +38,26 @@ class Call:
     schema: Mapping[str, Any] | None = None
     strategy: str | None = None
 
+    def __init__(
+        self,
+        model: str,
+        messages: tuple[Mapping[str, str], ...],
+        n: int = 1,
+        params: Mapping[str, Any] | None = None,
+        schema: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+    ) -> None:
+        # One is built for every request: filling the instance dict directly costs a fraction
+        # of the generated frozen __init__, which goes through object.__setattr__ per field.
+        self.__dict__.update(
+            model=model,
+            messages=messages,
+            n=n,
+            params={} if params is None else params,
+            schema=schema,
+            strategy=strategy,
+        )
+
 
 @dataclass(frozen=True)
 class HTTPRequest:
@@ -49,7 +72,7 @@ class HTTPRequest:
         return f"HTTPRequest(url={redact_url(self.url)!r}, json={self.json!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Completion:
     """One successful response: the usable answer texts (raw JSON for structured calls), usage,
     limits, and the answers that came back unusable.
@@ -64,6 +87,23 @@ class Completion:
     completion_tokens: int = 0
     limits: LimitInfo = field(default_factory=LimitInfo)
     problems: tuple[StructuredOutputError, ...] = ()
+
+    def __init__(
+        self,
+        texts: tuple[str, ...],
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        limits: LimitInfo | None = None,
+        problems: tuple[StructuredOutputError, ...] = (),
+    ) -> None:
+        # One per response: see Call.__init__.
+        self.__dict__.update(
+            texts=texts,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            limits=LimitInfo() if limits is None else limits,
+            problems=problems,
+        )
 
 
 class Provider(Protocol):
@@ -102,6 +142,10 @@ class Provider(Protocol):
     def build(self, call: Call) -> HTTPRequest:
         """The HTTP request for ``call``."""
 
+    def encode(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
+        """``build(call)`` as it goes on the wire: URL, headers and the JSON body encoded
+        (the bytes of ``json.dumps(build(call).json)``); see :class:`BodyEncoder`."""
+
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
         """A 2xx JSON body -> Completion.
 
@@ -115,6 +159,87 @@ class Provider(Protocol):
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
         """The rate-limit facts in a response's headers."""
+
+
+class BodyEncoder:
+    """``build(call)`` encoded, from parts made once per request shape (issue 12, CPU per row).
+
+    Every request of a run is the same JSON but for the row's own text, the content of the
+    last message: the shared prefix (model, system message, parameters, schema, the prompt-cache
+    marker) is byte-stable. So the body is encoded once per shape with a placeholder for that
+    text, split there, and each request is the two parts around its escaped text: the same
+    bytes as ``json.dumps(build(call).json)``, without building or walking a dict per request.
+
+    A shape is everything of a call but that text: model, ``n``, strategy, parameters, schema
+    and the other messages. A shape whose body does not hold the text exactly once as a plain
+    string, or changes with it, is encoded in full every time.
+
+    Parameters
+    ----------
+    build : callable
+        The provider's ``build``: a call -> its :class:`HTTPRequest`.
+    """
+
+    # Placeholders no row text holds: control characters are escaped in JSON as \u0000.
+    _MARKS = ("\x00parrot-row-a\x00", "\x00parrot-row-b\x00")
+    # Shapes remembered; a run has one or two (a strategy fallback, fewer samples on a retry).
+    _MAX_SHAPES = 64
+
+    def __init__(self, build: Callable[[Call], HTTPRequest]) -> None:
+        self._build = build
+        self._shapes: dict[Any, tuple[Any, Any, str, Mapping[str, str], str, str] | None] = {}
+
+    def __call__(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
+        messages = call.messages
+        if not messages:
+            return self._full(call)
+        last = messages[-1]
+        text = last.get("content") if len(last) == 2 else None
+        if type(text) is not str:
+            return self._full(call)
+        params, schema = call.params, call.schema
+        shape: tuple[Any, ...] = (call.model, call.n, call.strategy, id(params), id(schema))
+        if len(messages) == 1:
+            shape += (last.get("role"),)
+        else:
+            shape += (last.get("role"), *map(_items, messages[:-1]))
+        try:
+            parts = self._shapes[shape]
+        except KeyError:
+            parts = self._learn(shape, call)
+        except TypeError:  # an unhashable message value: no shape to remember
+            return self._full(call)
+        # The ids are only valid while the same objects are alive: the parts keep them.
+        if parts is None or parts[0] is not params or parts[1] is not schema:
+            return self._full(call)
+        _, _, url, headers, head, tail = parts
+        return url, headers, (head + encode_basestring_ascii(text) + tail).encode()
+
+    def _full(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
+        request = self._build(call)
+        return request.url, request.headers, json.dumps(request.json).encode()
+
+    def _learn(
+        self, shape: Any, call: Call
+    ) -> tuple[Any, Any, str, Mapping[str, str], str, str] | None:
+        if len(self._shapes) >= self._MAX_SHAPES:
+            self._shapes.clear()
+        texts = []
+        for mark in self._MARKS:
+            last = {**call.messages[-1], "content": mark}
+            request = self._build(dataclasses.replace(call, messages=(*call.messages[:-1], last)))
+            texts.append(json.dumps(request.json))
+        a, b = (encode_basestring_ascii(mark) for mark in self._MARKS)
+        parts = None
+        if texts[0].count(a) == 1 and texts[0].replace(a, b) == texts[1]:
+            head, tail = texts[0].split(a)
+            parts = (call.params, call.schema, request.url, request.headers, head, tail)
+        self._shapes[shape] = parts
+        return parts
+
+
+def _items(message: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(message.items())
 
 
 # -- what provider modules share -------------------------------------------------------------

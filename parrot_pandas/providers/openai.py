@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._limits import LimitInfo, parse_duration, parse_retry_after
+from .._limits import CASE_INSENSITIVE, LimitInfo, parse_duration, parse_retry_after
 from .._secrets import redact_url
 from ..errors import RATE_LIMITED, APIError, StructuredOutputError, Verdict
 from ._openai_batch import OpenAIBatch
@@ -41,6 +41,7 @@ from .base import (
     RUN_QUOTA,
     RUN_REFUSED,
     UNSUPPORTED_STRATEGY,
+    BodyEncoder,
     Call,
     Completion,
     ErrorBody,
@@ -95,6 +96,9 @@ _STRUCTURED_WORDS = re.compile(
 _ROW_PARAMS = re.compile(r"^(messages|prompt|input)\b")
 
 
+_NO_CACHE_USAGE = CacheUsage()
+
+
 class OpenAIProvider:
     """``POST {base_url}/chat/completions`` with a bearer key.
 
@@ -137,6 +141,10 @@ class OpenAIProvider:
         self._headers = {"Content-Type": "application/json", **self._auth_headers(api_key)}
         # Read once: every request asks whether it goes to the vendor (issue 12, CPU per row).
         self._host = urlsplit(self._base_url).hostname or ""
+        self._encoder = BodyEncoder(self.build)
+        # The rate-limit header values of the last response without a retry-after, and what
+        # they said (see limits).
+        self._last_limits: tuple[tuple[str | None, ...], LimitInfo] = ((None,) * 6, LimitInfo())
 
     def __repr__(self) -> str:
         return f"OpenAIProvider({redact_url(self._url)!r})"
@@ -185,8 +193,15 @@ class OpenAIProvider:
         body = self.with_prompt_cache(call, body)
         return HTTPRequest(self._url_for(call), self._headers, body)
 
+    def encode(self, call: Call) -> tuple[str, Mapping[str, str], bytes]:
+        """``build(call)`` as sent: URL, headers, the JSON body encoded (see
+        :class:`~.base.BodyEncoder`)."""
+        return self._encoder(call)
+
     def parse(self, call: Call, body: Any, headers: Mapping[str, str]) -> Completion:
-        choices = body.get("choices") if isinstance(body, Mapping) else None
+        # `type(x) is dict` first: JSON bodies are dicts, and an ABC isinstance check costs
+        # several times more (issue 12, CPU per row).
+        choices = body.get("choices") if type(body) is dict or isinstance(body, Mapping) else None
         if not isinstance(choices, list):
             # vLLM can answer 200 with `"choices": null`, or with an error body (context too
             # long): that error is judged as if it had come with its own status.
@@ -203,28 +218,36 @@ class OpenAIProvider:
         texts: list[str] = []
         problems: list[StructuredOutputError] = []
         for choice in choices:
-            if not isinstance(choice, Mapping):
+            if not (type(choice) is dict or isinstance(choice, Mapping)):
                 continue
             message = choice.get("message")
-            message = message if isinstance(message, Mapping) else {}
-            problem = self._finished_badly(call, choice.get("finish_reason"), message)
-            if problem is not None:
-                problems.append(problem)
-                continue
-            text = _answer_text(message, structured=structured)
+            if not (type(message) is dict or isinstance(message, Mapping)):
+                message = {}
+            finish = choice.get("finish_reason")
+            # Asked only when something may be wrong: most choices stop on their own.
+            if finish == "length" or finish == "content_filter" or message.get("refusal"):
+                problem = self._finished_badly(call, finish, message)
+                if problem is not None:
+                    problems.append(problem)
+                    continue
+            text = None if structured else message.get("content")
+            if type(text) is not str:  # a tool call, content parts, or nothing
+                text = _answer_text(message, structured=structured)
             if structured and unstructured(text):
                 sends = call.strategy in _PARAMETER_STRATEGIES
                 problems.append(no_structure(call, sends_parameter=sends))
             elif text is not None:
                 texts.append(text)
         usage = body.get("usage")
-        usage = usage if isinstance(usage, Mapping) else {}
+        if not (type(usage) is dict or isinstance(usage, Mapping)):
+            usage = {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         return Completion(
-            texts=tuple(texts),
-            prompt_tokens=usage_count(usage.get("prompt_tokens")),
-            completion_tokens=usage_count(usage.get("completion_tokens")),
-            limits=self.limits(headers),
-            problems=tuple(problems),
+            tuple(texts),
+            prompt if type(prompt) is int and prompt >= 0 else usage_count(prompt),
+            completion if type(completion) is int and completion >= 0 else usage_count(completion),
+            self.limits(headers),
+            tuple(problems),
         )
 
     def _finished_badly(
@@ -300,15 +323,37 @@ class OpenAIProvider:
         return bool(_STRUCTURED_WORDS.search(fault.message))
 
     def limits(self, headers: Mapping[str, str]) -> LimitInfo:
-        return LimitInfo(
-            limit_requests=header_int(headers.get("x-ratelimit-limit-requests")),
-            limit_tokens=header_int(headers.get("x-ratelimit-limit-tokens")),
-            remaining_requests=header_int(headers.get("x-ratelimit-remaining-requests")),
-            remaining_tokens=header_int(headers.get("x-ratelimit-remaining-tokens")),
-            reset_requests=_duration(headers.get("x-ratelimit-reset-requests")),
-            reset_tokens=_duration(headers.get("x-ratelimit-reset-tokens")),
+        get = headers.get
+        raw = (
+            get("x-ratelimit-limit-requests"),
+            get("x-ratelimit-limit-tokens"),
+            get("x-ratelimit-remaining-requests"),
+            get("x-ratelimit-remaining-tokens"),
+            get("x-ratelimit-reset-requests"),
+            get("x-ratelimit-reset-tokens"),
+        )
+        # Most responses repeat the previous one's values (or carry none): then its LimitInfo
+        # serves again. Never with a retry-after, whose HTTP-date form depends on the time.
+        last = self._last_limits
+        if (
+            raw == last[0]
+            and isinstance(headers, CASE_INSENSITIVE)
+            and get("retry-after-ms") is None
+            and get("retry-after") is None
+        ):
+            return last[1]
+        info = LimitInfo(
+            limit_requests=header_int(raw[0]),
+            limit_tokens=header_int(raw[1]),
+            remaining_requests=header_int(raw[2]),
+            remaining_tokens=header_int(raw[3]),
+            reset_requests=_duration(raw[4]),
+            reset_tokens=_duration(raw[5]),
             retry_after=parse_retry_after(headers),
         )
+        if info.retry_after is None:
+            self._last_limits = (raw, info)
+        return info
 
     # -- prompt caching and the Batch API (issue 14) -----------------------------------------
 
@@ -325,6 +370,14 @@ class OpenAIProvider:
 
     def cache_usage(self, body: Any) -> CacheUsage:
         """Prompt-cache tokens of a response body (``prompt_tokens_details.cached_tokens``)."""
+        # Most answers read nothing from the cache: said without a CacheUsage of their own.
+        usage = body.get("usage") if type(body) is dict else body
+        if usage is None:
+            return _NO_CACHE_USAGE
+        if type(usage) is dict:
+            details = usage.get("prompt_tokens_details")
+            if details is None or (type(details) is dict and not details.get("cached_tokens")):
+                return _NO_CACHE_USAGE
         return openai_cache_usage(body)
 
     def batch(self) -> OpenAIBatch:
