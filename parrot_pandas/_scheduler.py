@@ -408,14 +408,18 @@ class Scheduler:
         try:
             while len(job.samples) < self._n:
                 want = min(self._n - len(job.samples), self._per_request)
+                # The first try is awaited here: most succeed, and only a failed one enters
+                # the retry policy, which judges it as try 1 (issue 12, CPU per row). The
+                # policy is called after the except block, so a later error does not carry
+                # the first one as its context ("During handling of the above exception").
                 try:
-                    # The first try is awaited here: most succeed, and only a failed one enters
-                    # the retry policy, which judges it as try 1 (issue 12, CPU per row).
                     await self._attempt(job, want)
+                    continue
                 except RETRIED as exc:
-                    await self._retry.call(
-                        self._attempt, job, want, setup=setup, on_retry=self._on_retry, failed=exc
-                    )
+                    failed = exc
+                await self._retry.call(
+                    self._attempt, job, want, setup=setup, on_retry=self._on_retry, failed=failed
+                )
         except RETRIED as exc:
             scope = exc.verdict.scope
             if scope == "run" or (setup and scope == "strategy"):

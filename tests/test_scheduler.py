@@ -492,3 +492,17 @@ def test_provider_reads_openai_reset_durations():
     )
     assert info.reset_requests == pytest.approx(0.02) and info.reset_tokens == 360
     assert info.wait_after_429() == 60  # capped: a 6-minute reset never freezes a run
+
+
+async def test_an_error_after_retries_does_not_carry_the_first_failure_as_its_context(make):
+    # The first try is awaited outside the retry policy; calling the policy inside that
+    # except block chained every later error to the first ("During handling of the above
+    # exception, another exception occurred"), shown to the user with a run-scope error.
+    def script(prompt: str, attempt: int) -> Exception | None:
+        if attempt == 0:
+            return APIConnectionError("dropped once")
+        return APIError("invalid key", status=401, verdict=Verdict("run", False, "auth"))
+
+    with pytest.raises(APIError, match="invalid key") as info:
+        await make(ScriptedClient(script), max_retries=2).run(iter(["a"]), rows=1)
+    assert info.value.__context__ is None
