@@ -108,7 +108,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -357,18 +357,27 @@ class PackedPlan:
 
     def call(self, prompts: Sequence[str], n: int = 1) -> Call:
         """The request asking ``n`` samples of the packed answer for ``prompts``."""
-        params = self.plan.config.request_params
-        for name in ("max_tokens", "max_completion_tokens"):
-            if params.get(name) is not None:
-                params[name] = packed_output(len(prompts), int(params[name]))
         return Call(
             model=self.plan.config.model,
             messages=self.messages(prompts),
             n=n,
-            params=MappingProxyType(params),
+            params=self._params(len(prompts)),
             schema=self.schema,
             strategy=self.strategy,
         )
+
+    def _params(self, rows: int) -> Mapping[str, Any]:
+        """The request parameters of a pack of ``rows`` rows, made once per size: the body
+        encoder reuses the encoded parameters of a mapping it has seen (by identity)."""
+        by_size: dict[int, Mapping[str, Any]] = self.__dict__.setdefault("_params_by_size", {})
+        params = by_size.get(rows)
+        if params is None:
+            made = self.plan.config.request_params
+            for name in ("max_tokens", "max_completion_tokens"):
+                if made.get(name) is not None:
+                    made[name] = packed_output(rows, int(made[name]))
+            params = by_size[rows] = MappingProxyType(made)
+        return params
 
     def cost(self, call: Call, prompt_ratio: float = 1.0) -> int:
         """Tokens a packed request counts against the limit on admission: its prompt (and the
