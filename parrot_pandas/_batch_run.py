@@ -50,6 +50,7 @@ import socket
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,13 +153,18 @@ class Record:
 
 
 _FIELDS = "provider, base_url, digest, batch_id, state, created, updated, model, custom_ids, owner"
-# This process, as a record's owner names it.
-_ME = f"{socket.gethostname()}:{os.getpid()}"
-# Parts this process is submitting right now (by digest): a claim of ours not in here was left
-# by a call that was interrupted (Ctrl-C in a notebook), and is stale.
-_SUBMITTING: set[str] = set()
-# Seconds after which another host's unfinished claim is taken as abandoned (no pid to check).
+# Parts this process is submitting right now (provider, base URL, digest): a claim of ours
+# not in here was left by a call that was interrupted, and is stale.
+# A count, not a set: two calls of one process may both be between marking and claiming.
+_SUBMITTING: Counter[tuple[str, str, str]] = Counter()
+# Seconds after which an unfinished claim is taken as abandoned whoever made it (a hung
+# process; another host, or Windows, where no pid can be asked).
 CLAIM_STALE = 900.0
+
+
+def _me() -> str:
+    """This process, as a record's owner names it (asked each time: a forked child differs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Records:
@@ -209,19 +215,41 @@ class Records:
             self._conn.execute(
                 f"INSERT OR REPLACE INTO batches ({_FIELDS}) "
                 "VALUES (?, ?, ?, NULL, 'submitting', ?, ?, ?, ?, ?)",
-                (provider, base_url, part.digest, now, now, part.model, json.dumps(ids), _ME),
+                (provider, base_url, part.digest, now, now, part.model, json.dumps(ids), _me()),
             )
             return True
         finally:
             self._conn.execute("COMMIT")
 
-    def update(
-        self, provider: str, base_url: str, digest: str, state: str, now: float, batch_id=None
-    ) -> None:
+    def release(self, provider: str, base_url: str, digest: str) -> None:
+        """Give up a claim whose create request failed or was interrupted: nobody waits for
+        it any more, and a batch created anyway is looked for as after a crash."""
         self._conn.execute(
-            "UPDATE batches SET state = ?, updated = ?, batch_id = COALESCE(?, batch_id) "
-            "WHERE provider = ? AND base_url = ? AND digest = ?",
-            (state, now, batch_id, provider, base_url, digest),
+            "UPDATE batches SET owner = NULL WHERE provider = ? AND base_url = ? AND digest = ? "
+            "AND batch_id IS NULL AND owner = ?",
+            (provider, base_url, digest, _me()),
+        )
+
+    def update(
+        self, provider: str, base_url: str, digest: str, state: str, now: float, *, batch_id: str
+    ) -> None:
+        """Batch ``batch_id``'s state, while the record still names it: another process may
+        have claimed the part again since (its batch expired), for a batch of its own."""
+        self._conn.execute(
+            "UPDATE batches SET state = ?, updated = ? "
+            "WHERE provider = ? AND base_url = ? AND digest = ? AND batch_id = ?",
+            (state, now, provider, base_url, digest, batch_id),
+        )
+
+    def name(
+        self, provider: str, base_url: str, digest: str, state: str, now: float, *, batch_id: str
+    ) -> None:
+        """The id of the batch just created (or found) for the part's claim."""
+        self._conn.execute(
+            "UPDATE batches SET batch_id = ?, state = ?, updated = ? "
+            "WHERE provider = ? AND base_url = ? AND digest = ? "
+            "AND (batch_id IS NULL OR batch_id = ?)",
+            (batch_id, state, now, provider, base_url, digest, batch_id),
         )
 
     def all(self) -> list[Record]:
@@ -233,6 +261,8 @@ def _record(row: tuple[Any, ...]) -> Record:
     provider, base_url, digest, batch_id, state, created, updated, model, ids, owner = row
     facts = (provider, base_url, digest, batch_id, state, created, updated, model)
     listed = json.loads(ids)
+    if isinstance(listed, list):  # written before records named their rows: not re-attached
+        return Record(*facts, tuple(listed), owner)
     rows = {cid: tuple(stems) for cid, stems in listed["rows"].items()}
     return Record(*facts, tuple(listed["ids"]), owner, rows)
 
@@ -241,18 +271,20 @@ def being_submitted(record: Record, now: float) -> bool:
     """Whether another process (or call) is submitting ``record``'s part right now."""
     if record.batch_id is not None or record.state != "submitting" or record.owner is None:
         return False
-    if record.owner == _ME:
-        return record.digest in _SUBMITTING
+    if now - record.updated >= CLAIM_STALE:
+        return False
+    if record.owner == _me():
+        return _SUBMITTING[(record.provider, record.base_url, record.digest)] > 0
     host, _, pid = record.owner.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
+    if host == socket.gethostname() and pid.isdigit() and os.name != "nt":
+        # (On Windows signal 0 is CTRL_C_EVENT, not a question: the claim's age decides.)
         try:
             os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
             return False  # it died (kill -9, a crash) before its batch id was recorded
         except PermissionError:
             return True  # alive, another user's
-        return True
-    return now - record.updated < CLAIM_STALE
+    return True
 
 
 def record_state(status: BatchStatus) -> str:
@@ -348,7 +380,7 @@ class BatchScheduler(Scheduler):
         self._ends: tuple[str, str] = kwargs.get("template_ends", ("", ""))
         self._packed_plans: dict[str, PackedPlan] = {}
         self._repacked: set[int] = set()
-        self._read: set[str] = set()  # digests of the parts whose results this run read
+        self._read: set[str] = set()  # ids of the batches whose results this run read
         config = self.plan.config
         self._provider_name = config.provider
         self._base_url = redact_url(config.base_url)
@@ -598,9 +630,14 @@ class BatchScheduler(Scheduler):
                 if again:
                     whole.add(key)
                 unmapped.setdefault(key, {}).update((id(job), job) for job in failed)
-            self._read.add(part.digest)
+            self._read.add(status.id)
             records.update(
-                self._provider_name, self._base_url, part.digest, "collected", self._wall()
+                self._provider_name,
+                self._base_url,
+                part.digest,
+                "collected",
+                self._wall(),
+                batch_id=status.id,
             )
         retry: list[list[Job]] = []
         for jobs in dict.fromkeys(line.jobs for line in lines):
@@ -645,28 +682,47 @@ class BatchScheduler(Scheduler):
                 batch_id is not None
                 and record is not None
                 and record.state != "ended:failed"
-                and part.digest not in self._read
+                and batch_id not in self._read
             ):
                 logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
                 status = await self._look(records, part, batch_id)
+                self._note_id(records, part, status)
                 break
             rows = {cid: [_stem(job.key) for job in lines[cid].jobs] for cid in part.custom_ids}
-            if not records.claim(
-                self._provider_name, self._base_url, part, self._wall(), record, rows
-            ):
-                continue  # another process claimed the part first: look again
-            _SUBMITTING.add(part.digest)
+            mine = (self._provider_name, self._base_url, part.digest)
+            # Marked before the claim commits, so another thread of this process never takes
+            # the claim for one left by an interrupted call; unmarked once the id is recorded.
+            _SUBMITTING[mine] += 1
             try:
-                status = await self.client.submit(part, metadata={_DIGEST_KEY: part.digest[:64]})
-            except APIError as exc:
-                _SUBMITTING.discard(part.digest)
-                raise _batch_refused(exc) from None
-            except BaseException:
-                _SUBMITTING.discard(part.digest)
-                raise
-            logger.info("submitted batch %s (%d requests)", status.id, len(part))
+                if not records.claim(
+                    self._provider_name, self._base_url, part, self._wall(), record, rows
+                ):
+                    continue  # another process claimed the part first: look again
+                status = await self._submit(records, part)
+                self._note_id(records, part, status)
+            finally:
+                _SUBMITTING[mine] -= 1
+                if not _SUBMITTING[mine]:
+                    del _SUBMITTING[mine]
             break
-        records.update(
+        if status.id not in self.batch_ids:
+            self.batch_ids.append(status.id)
+        return status
+
+    async def _submit(self, records: Records, part: BatchPart) -> BatchStatus:
+        """Create the batch of a part this process has claimed."""
+        try:
+            status = await self.client.submit(part, metadata={_DIGEST_KEY: part.digest[:64]})
+        except BaseException as exc:
+            records.release(self._provider_name, self._base_url, part.digest)
+            if isinstance(exc, APIError):
+                raise _batch_refused(exc) from None
+            raise
+        logger.info("submitted batch %s (%d requests)", status.id, len(part))
+        return status
+
+    def _note_id(self, records: Records, part: BatchPart, status: BatchStatus) -> None:
+        records.name(
             self._provider_name,
             self._base_url,
             part.digest,
@@ -674,10 +730,6 @@ class BatchScheduler(Scheduler):
             self._wall(),
             batch_id=status.id,
         )
-        _SUBMITTING.discard(part.digest)  # the record names the batch now
-        if status.id not in self.batch_ids:
-            self.batch_ids.append(status.id)
-        return status
 
     async def _orphan(self, part: BatchPart, since: float, records: Records) -> str | None:
         """The id of a batch created for ``part`` whose create response never reached its
@@ -743,11 +795,21 @@ class BatchScheduler(Scheduler):
         except APIError as exc:
             if exc.verdict.reason == "batch_rejected":
                 records.update(
-                    self._provider_name, self._base_url, part.digest, "ended:failed", self._wall()
+                    self._provider_name,
+                    self._base_url,
+                    part.digest,
+                    "ended:failed",
+                    self._wall(),
+                    batch_id=batch_id,
                 )
             raise
         records.update(
-            self._provider_name, self._base_url, part.digest, record_state(status), self._wall()
+            self._provider_name,
+            self._base_url,
+            part.digest,
+            record_state(status),
+            self._wall(),
+            batch_id=batch_id,
         )
         return status
 

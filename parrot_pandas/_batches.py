@@ -186,7 +186,14 @@ def _on_provider(
                     status = client.protocol.read_status(await client.call(request))
             now = datetime.datetime.now(datetime.timezone.utc).timestamp()
             state = record_state(status)
-            records.update(record.provider, record.base_url, record.digest, state, now)
+            records.update(
+                record.provider,
+                record.base_url,
+                record.digest,
+                state,
+                now,
+                batch_id=record.batch_id,
+            )
             out.append(_replace(record, state, now))
         return out
 

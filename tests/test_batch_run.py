@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 
 import parrot_pandas  # noqa: F401  (registers df.llm)
 from parrot_pandas import APIError, ConfigurationError, _batch_run
-from parrot_pandas.providers._batch import BatchLimits
+from parrot_pandas.providers._batch import BatchLimits, BatchPart
 from parrot_pandas.providers._openai_batch import OpenAIBatch
 from parrot_pandas.testing import FakeServer
 from parrot_pandas.testing._batches import FakeBatches
@@ -545,6 +545,40 @@ async def test_two_calls_running_at_once_submit_one_batch(srv, batches, tmp_path
     )
 
 
+async def test_two_calls_resubmitting_the_same_expired_lines_submit_one_more_batch(
+    srv, batches, tmp_path
+):
+    # Both calls read the same expired batch; its lines, all of them again, make the same part:
+    # the second call must attach to the first one's new batch, not refuse it as one it read.
+    batches.window = 600
+    cache = str(tmp_path / "c.sqlite3")
+    options = {"api_key": KEY, "base_url": srv.url, "model": "gpt-4o-mini", "cache": cache}
+    df = frame(6, extra={i: ", note=BATCH_EXPIRE" for i in range(6)})
+    first, second = await asyncio.gather(
+        df.llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options),
+        df.llm.aextract("${text}", {"name": str, "year": int}, batch=True, **options),
+    )
+    assert list(first["name"]) == list(second["name"]) == [f"N{i}" for i in range(6)]
+    assert batches.stats()["batches"] == 2  # the first, and one for its expired lines
+
+
+def test_a_claim_whose_create_request_failed_is_released(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    parrot_pandas._cache.ResponseCache(path).close()  # the batches table, as a run makes it
+    records = _batch_run.Records(path)
+    try:
+        part = BatchPart(("c1",), (b"{}",), "m")
+        assert records.claim("openai", "u", part, 1000.0, None, {"c1": ["s1"]})
+        (claimed,) = records.all()
+        assert claimed.owner is not None and claimed.rows == {"c1": ("s1",)}
+        records.release("openai", "u", part.digest)
+        (released,) = records.all()
+        assert released.owner is None and released.state == "submitting"
+        assert not _batch_run.being_submitted(released, 1000.0)  # looked up, not waited for
+    finally:
+        records.close()
+
+
 def _claim(owner: str | None, *, updated: float = 1000.0, batch_id: str | None = None):
     return _batch_run.Record(
         "openai", "http://x/v1", "d" * 64, batch_id, "submitting", 1000.0, updated, "m", (), owner
@@ -564,11 +598,14 @@ def test_a_claim_is_waited_for_only_while_its_submitter_can_still_record_it():
     # This process: only while one of its calls is in the create request.
     me = f"{host}:{os.getpid()}"
     assert not _batch_run.being_submitted(_claim(me), now)  # a call interrupted by Ctrl-C
-    _batch_run._SUBMITTING.add("d" * 64)
+    submitting = ("openai", "http://x/v1", "d" * 64)
+    _batch_run._SUBMITTING[submitting] += 1
     try:
         assert _batch_run.being_submitted(_claim(me), now)
+        # A claim nobody finished in CLAIM_STALE seconds is given up, even by a live process.
+        assert not _batch_run.being_submitted(_claim(me), now + _batch_run.CLAIM_STALE)
     finally:
-        _batch_run._SUBMITTING.discard("d" * 64)
+        del _batch_run._SUBMITTING[submitting]
     # Another host: no pid to ask, so the claim's age decides.
     assert _batch_run.being_submitted(_claim("elsewhere:1"), now)
     stale = now + _batch_run.CLAIM_STALE
