@@ -330,6 +330,16 @@ def connect(
 _SETTING_UP = threading.Lock()
 
 
+def _new_lock_in_child() -> None:
+    # A fork while another thread held the lock would leave it held for good in the child.
+    global _SETTING_UP
+    _SETTING_UP = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _open(path: pathlib.Path, *, readonly: bool, busy_timeout: float) -> sqlite3.Connection | None:
     state = _inspect(path)
     if readonly:
