@@ -686,7 +686,8 @@ class BatchScheduler(Scheduler):
             ):
                 logger.info("re-attaching to batch %s (%d requests)", batch_id, len(part))
                 status = await self._look(records, part, batch_id)
-                self._note_id(records, part, status)
+                if record.batch_id is None:  # found after a crash: its record names it now
+                    self._note_id(records, part, status)
                 break
             rows = {cid: [_stem(job.key) for job in lines[cid].jobs] for cid in part.custom_ids}
             mine = (self._provider_name, self._base_url, part.digest)
