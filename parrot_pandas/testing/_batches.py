@@ -554,7 +554,8 @@ class FakeBatches:
             clock_mark=now,
         )
 
-    def _batch(self, request: web.Request, dialect: str) -> _Batch | web.Response:
+    async def _batch(self, request: web.Request, dialect: str) -> _Batch | web.Response:
+        """The batch the path names, moved up to now (:meth:`_sync`); or the API's 404."""
         batch = self._batches.get(request.match_info["batch_id"])
         family = "anthropic" if dialect == "anthropic" else "openai"
         if batch is None or ("anthropic" if batch.dialect == "anthropic" else "openai") != family:
@@ -562,20 +563,19 @@ class FakeBatches:
                 return _anthropic_error(404, "not_found_error", "Message batch not found")
             message = f"No batch found with id '{request.match_info['batch_id']}'."
             return _openai_error(404, message, param="batch_id")
+        await self._sync(batch)
         return batch
 
     async def retrieve(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         return web.json_response(self._render(batch))
 
     async def cancel(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         async with batch.lock:
             if batch.ended:
                 if dialect == "anthropic":
@@ -617,10 +617,9 @@ class FakeBatches:
         )
 
     async def results(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         if not batch.ended:
             return _anthropic_error(
                 400, "invalid_request_error", f"Batch {batch.id} is still {batch.status}"
@@ -632,10 +631,9 @@ class FakeBatches:
         return web.Response(body=text.encode(), content_type="application/binary")
 
     async def delete_batch(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         if not batch.ended:
             return _anthropic_error(
                 400, "invalid_request_error", "Only an ended batch can be deleted; cancel it first"
