@@ -99,6 +99,21 @@ def recording_budget(fake_clock: FakeClock) -> Callable[..., RecordingBudget]:
 
 
 @pytest.fixture
+def fault_markers() -> dict[str, str]:
+    """FakeServer ``faults``: a marker for each per-row fault; a prompt holding it fails so."""
+    return {
+        "FILTERME": "content_filter",
+        "CUTME": "truncate",
+        "LONGME": "context_length",
+        "LLAMAME": "exceed_context",
+        "BOOM": "server_error",
+        "HUGE": "too_large",
+        "BROKE": "insufficient_quota",
+        "ECHOKEY": "echo_key",
+    }
+
+
+@pytest.fixture
 def no_tiktoken(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Counts by the fallback, four characters a token, as FakeServer counts them.
 
