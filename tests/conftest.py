@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
 import pytest
 
 import parrot_pandas  # noqa: F401  (registers DataFrame.llm)
+from parrot_pandas import _tokens
 from parrot_pandas._limits import RateBudget
 from parrot_pandas.testing import FakeServer
 
@@ -94,6 +96,33 @@ def recording_budget(fake_clock: FakeClock) -> Callable[..., RecordingBudget]:
         return RecordingBudget(clock=fake_clock, sleep=fake_clock.sleep, **limits)
 
     return make
+
+
+@pytest.fixture
+def fault_markers() -> dict[str, str]:
+    """FakeServer ``faults``: a marker for each per-row fault; a prompt holding it fails so."""
+    return {
+        "FILTERME": "content_filter",
+        "CUTME": "truncate",
+        "LONGME": "context_length",
+        "LLAMAME": "exceed_context",
+        "BOOM": "server_error",
+        "HUGE": "too_large",
+        "BROKE": "insufficient_quota",
+        "ECHOKEY": "echo_key",
+    }
+
+
+@pytest.fixture
+def no_tiktoken(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Counts by the fallback, four characters a token, as FakeServer counts them.
+
+    tiktoken cannot be imported, and no test sees another's loaded encodings.
+    """
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    _tokens._reset_tokenizers()
+    yield
+    _tokens._reset_tokenizers()
 
 
 @pytest.fixture(autouse=True)

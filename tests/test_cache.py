@@ -63,6 +63,15 @@ def stored_rows(path: pathlib.Path) -> int:
         return conn.execute("SELECT count(*) FROM responses").fetchone()[0]
 
 
+@contextlib.contextmanager
+def schema_version(monkeypatch: pytest.MonkeyPatch, version: int) -> Iterator[None]:
+    """Inside, a cache is made (or migrated) only up to schema ``version``, as an older
+    release left it."""
+    with monkeypatch.context() as patched:
+        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:version])
+        yield
+
+
 def integrity(path: pathlib.Path) -> str:
     with sqlite3.connect(path) as conn:
         return conn.execute("PRAGMA integrity_check").fetchone()[0]
@@ -352,12 +361,10 @@ def test_a_failing_migration_leaves_the_file_as_it_was(path, monkeypatch):
 
 def test_a_version_1_file_moves_to_a_rowid_table_with_every_row(path, monkeypatch):
     # A file as version 1 left it: responses WITHOUT ROWID, keyed by (key, sample).
-    with monkeypatch.context() as patched:
-        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:1])
-        with ResponseCache(path) as old:
-            old.put("k1", 0, "first", model="gpt-4o-mini", usage=(10, 2))
-            old.put("k1", 1, "second ☕", model="gpt-4o-mini", usage=(10, 3))
-            old.put("k2", 0, "x" * 5000, model="gpt-4o", usage=None)
+    with schema_version(monkeypatch, 1), ResponseCache(path) as old:
+        old.put("k1", 0, "first", model="gpt-4o-mini", usage=(10, 2))
+        old.put("k1", 1, "second ☕", model="gpt-4o-mini", usage=(10, 3))
+        old.put("k2", 0, "x" * 5000, model="gpt-4o", usage=None)
     _backdate(path, "k2", days=3)
     columns = "key, sample, value, model, prompt_tokens, completion_tokens, created"
     with sqlite3.connect(path) as conn:
@@ -674,10 +681,8 @@ def test_open_cache_readonly_reads_and_refuses_to_write(path):
 def test_open_cache_readonly_leaves_an_old_file_unmigrated(path, monkeypatch):
     # An estimate reads a cache written by an older version as it is: no migration, no
     # VACUUM, no WAL switch (the bug: estimate ran migrations and compacted the file).
-    with monkeypatch.context() as patched:
-        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:1])
-        with ResponseCache(path) as old:
-            old.put("k", 0, "v1 answer", model="m")
+    with schema_version(monkeypatch, 1), ResponseCache(path) as old:
+        old.put("k", 0, "v1 answer", model="m")
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA journal_mode = DELETE")  # as a copied file may come
     before = path.read_bytes()
@@ -750,10 +755,8 @@ def test_an_empty_file_is_ours_to_initialise(tmp_path):
 
 
 def test_a_cache_from_before_the_mark_is_still_ours_and_gets_marked(path, monkeypatch):
-    with monkeypatch.context() as patched:
-        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:2])
-        with ResponseCache(path) as old:
-            old.put("k", 0, "kept", model="m")
+    with schema_version(monkeypatch, 2), ResponseCache(path) as old:
+        old.put("k", 0, "kept", model="m")
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA application_id").fetchone()[0] == 0
     assert cache_info(path)["entries"] == 1  # recognised read-only, without the mark
@@ -1199,9 +1202,8 @@ def test_a_run_over_a_damaged_page_finishes_and_warns_once(server, path):
 
 def test_estimate_never_writes_the_cache(server, path, monkeypatch):
     df = _frame(5)
-    with monkeypatch.context() as patched:
-        # A cache written by version 1: opening it for writing would migrate and compact it.
-        patched.setattr(schema_module, "_MIGRATIONS", schema_module._MIGRATIONS[:1])
+    # A cache written by version 1: opening it for writing would migrate and compact it.
+    with schema_version(monkeypatch, 1):
         df.iloc[:3].llm.generate("${t}", base_url=server.url, cache=str(path))
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

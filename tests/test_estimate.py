@@ -25,13 +25,8 @@ def estimate_of(frame: pd.DataFrame, template: str, *, fields=None, **options) -
     return frame.llm.estimate(template, fields=fields, **options)
 
 
-@pytest.fixture(autouse=True)
-def _approximate_tokens(monkeypatch: pytest.MonkeyPatch):
-    # FakeServer counts ceil(len / 4) per message and per schema: so does the fallback.
-    monkeypatch.setitem(sys.modules, "tiktoken", None)
-    tokens._reset_tokenizers()
-    yield
-    tokens._reset_tokenizers()
+# FakeServer counts ceil(len / 4) per message and per schema: so does the fallback.
+pytestmark = pytest.mark.usefixtures("no_tiktoken")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the cache-key rules it relies on, and the estimate and the run agreeing because 
 from __future__ import annotations
 
 import json
-import sys
 
 import pandas as pd
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from parrot_pandas import _cache_key as cache_key_module
 from parrot_pandas import _feed as feed_module
 from parrot_pandas import _run as run_module
-from parrot_pandas import _tokens as tokens
 from parrot_pandas._cache import ResponseCache
 from parrot_pandas._cache_key import request_key
 from parrot_pandas._config import STRUCTURED_STRATEGIES, RunConfig
@@ -286,15 +284,6 @@ def test_the_api_key_is_never_in_the_key(monkeypatch):
 
 
 @pytest.fixture
-def approximate(monkeypatch):
-    # FakeServer counts ceil(len / 4) per message and per schema: so does the fallback.
-    monkeypatch.setitem(sys.modules, "tiktoken", None)
-    tokens._reset_tokenizers()
-    yield
-    tokens._reset_tokenizers()
-
-
-@pytest.fixture
 def mixed() -> pd.DataFrame:
     """Repeats within and across lookup batches, missing values, a non-default index."""
     words = ["tea", "coffee", "tea", None, "milk", "water", "coffee", "juice", "tea", None, "soda"]
@@ -302,7 +291,7 @@ def mixed() -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_the_estimate_and_the_run_agree(provider, mixed, server, approximate, monkeypatch):
+def test_the_estimate_and_the_run_agree(provider, mixed, server, no_tiktoken, monkeypatch):
     monkeypatch.setattr(feed_module, "LOOKUP_BATCH", 2)
     url = server.url if provider == "openai" else server.origin
     options = dict(provider=provider, model="claude-3-5-haiku", base_url=url, max_tokens=16)
@@ -323,7 +312,7 @@ def test_the_estimate_and_the_run_agree(provider, mixed, server, approximate, mo
     assert est["rows"] == est["skipped_rows"] + est["cached_rows"] + est["duplicate_rows"] + 6
 
 
-def test_the_estimate_and_an_extract_run_agree(docs, server, approximate, monkeypatch):
+def test_the_estimate_and_an_extract_run_agree(docs, server, no_tiktoken, monkeypatch):
     monkeypatch.setattr(feed_module, "LOOKUP_BATCH", 1)
     fields = {"name": str, "year": int}
     frame = pd.concat([docs, docs.iloc[:2]])

@@ -536,22 +536,12 @@ async def test_stats_endpoints_and_reset(srv):
 
 # -- per-row faults -----------------------------------------------------------------------------
 
-FAULTY = {
-    "FILTERME": "content_filter",
-    "CUTME": "truncate",
-    "LONGME": "context_length",
-    "LLAMAME": "exceed_context",
-    "BOOM": "server_error",
-    "HUGE": "too_large",
-    "BROKE": "insufficient_quota",
-    "ECHOKEY": "echo_key",
-}
 SECRET = "sk-fault-0123456789abcdef"
 
 
 @pytest.fixture
-async def faulty():
-    async with FakeServer(faults=FAULTY) as server:
+async def faulty(fault_markers):
+    async with FakeServer(faults=fault_markers) as server:
         yield server
 
 

@@ -50,13 +50,8 @@ def fake_tiktoken(get_encoding=None) -> types.ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state(monkeypatch: pytest.MonkeyPatch):
-    # No test sees another's loaded encodings, nor the real tiktoken.
-    monkeypatch.setitem(sys.modules, "tiktoken", None)
-    tokens._reset_tokenizers()
-    yield
-    tokens._reset_tokenizers()
+# No test sees another's loaded encodings, nor the real tiktoken (unless it puts in its own).
+pytestmark = pytest.mark.usefixtures("no_tiktoken")
 
 
 def test_approximation_is_four_characters_a_token_rounded_up():

@@ -18,21 +18,11 @@ from parrot_pandas._limits import RateBudget
 from parrot_pandas.testing import FakeServer
 
 KEY = "sk-verdicts-0123456789abcdefXYZ"
-FAULTS = {
-    "FILTERME": "content_filter",
-    "CUTME": "truncate",
-    "LONGME": "context_length",
-    "LLAMAME": "exceed_context",
-    "BOOM": "server_error",
-    "HUGE": "too_large",
-    "BROKE": "insufficient_quota",
-    "ECHOKEY": "echo_key",
-}
 
 
 @pytest.fixture
-def server(server_factory: Callable[..., FakeServer]) -> FakeServer:
-    return server_factory(faults=FAULTS)
+def server(server_factory: Callable[..., FakeServer], fault_markers: dict[str, str]) -> FakeServer:
+    return server_factory(faults=fault_markers)
 
 
 def options(server: FakeServer, **extra) -> dict:

@@ -29,6 +29,7 @@ from ._model import (
     count_tokens,
     item_properties,
     json_body,
+    last_user_text,
     message_text,
     props_from_prompt,
 )
@@ -209,9 +210,7 @@ async def messages(server: ChatServer, request: web.Request) -> web.StreamRespon
     plan = _messages_plan(cfg, body, system, messages)
     if isinstance(plan, web.Response):
         return plan
-    prompt = next(
-        (message_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
-    )
+    prompt = last_user_text(messages)
     prompt_tokens = count_tokens(system) + sum(
         count_tokens(message_text(m.get("content"))) for m in messages
     )

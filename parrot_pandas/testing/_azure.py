@@ -21,10 +21,19 @@ from ._openai import OpenAIDialect, chat_body, openai_error
 if TYPE_CHECKING:
     from ._server import ChatServer
 
-__all__ = ["azure_chat"]
+__all__ = ["azure_chat", "azure_error"]
 
 _NO_FILTER = {"filtered": False, "severity": "safe"}
 _FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+
+
+def azure_error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """Azure's own error response: ``{"error": {"code", "message"}}``."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
 
 
 class _AzureDialect(OpenAIDialect):
@@ -33,13 +42,7 @@ class _AzureDialect(OpenAIDialect):
     def __init__(self, api_version: str) -> None:
         self.api_version = api_version
 
-    @staticmethod
-    def error(
-        status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> web.Response:
-        return web.json_response(
-            {"error": {"code": code, "message": message}}, status=status, headers=headers
-        )
+    error = staticmethod(azure_error)
 
     def screen(self, filtered: Sequence[str], texts: Sequence[str]) -> web.Response | None:
         lowered = [t.lower() for t in texts]

@@ -79,7 +79,9 @@ import aiohttp
 from aiohttp import web
 
 from ._anthropic import rfc3339
+from ._azure import azure_error
 from ._model import count_tokens, message_text
+from ._openai import openai_error
 
 __all__ = ["FakeBatches", "mount"]
 
@@ -341,9 +343,9 @@ class FakeBatches:
         """Authentication and version headers, in each API's own words."""
         if dialect == "azure":
             if not request.query.get("api-version"):
-                return _azure_error(404, "404", "Resource not found")
+                return azure_error(404, "404", "Resource not found")
             if not self._matches(request.headers.get("api-key")):
-                return _azure_error(
+                return azure_error(
                     401,
                     "401",
                     "Access denied due to invalid subscription key or wrong API endpoint.",
@@ -362,7 +364,7 @@ class FakeBatches:
             return None
         auth = request.headers.get("Authorization", "")
         if not self._matches(auth[7:] if auth.startswith("Bearer ") else None):
-            return _openai_error(
+            return openai_error(
                 401,
                 "Incorrect API key provided.",
                 code="invalid_api_key",
@@ -384,16 +386,16 @@ class FakeBatches:
         try:
             form = await request.post()
         except ValueError:
-            return _openai_error(400, "The request body must be multipart/form-data.")
+            return openai_error(400, "The request body must be multipart/form-data.")
         purpose, upload = form.get("purpose"), form.get("file")
         if not isinstance(purpose, str) or not purpose:
-            return _openai_error(400, "Missing required parameter: 'purpose'.", param="purpose")
+            return openai_error(400, "Missing required parameter: 'purpose'.", param="purpose")
         if not isinstance(upload, web.FileField):
-            return _openai_error(400, "Missing required parameter: 'file'.", param="file")
+            return openai_error(400, "Missing required parameter: 'file'.", param="file")
         content = upload.file.read()
         limit = self.max_bytes or _OPENAI_MAX_BYTES
         if purpose == "batch" and len(content) > limit:
-            return _openai_error(
+            return openai_error(
                 400,
                 f"File is too large: {len(content):,} bytes; files for batch may be at most "
                 f"{limit:,} bytes.",
@@ -411,7 +413,7 @@ class FakeBatches:
         file = self._files.get(request.match_info["file_id"])
         if file is None:
             message = f"No such File object: {request.match_info['file_id']}"
-            return _openai_error(404, message, param="id")
+            return openai_error(404, message, param="id")
         return file
 
     async def file_info(self, request: web.Request, dialect: str) -> web.Response:
@@ -441,7 +443,7 @@ class FakeBatches:
         if not isinstance(body, dict):
             if dialect == "anthropic":
                 return _anthropic_error(400, "invalid_request_error", "The body must be JSON.")
-            return _openai_error(400, "We could not parse the JSON body of your request.")
+            return openai_error(400, "We could not parse the JSON body of your request.")
         origin = f"{request.scheme}://{request.host}"
         auth = {
             name: request.headers[name]
@@ -474,7 +476,7 @@ class FakeBatches:
     ) -> _Batch | web.Response:
         endpoint = "/chat/completions" if dialect == "azure" else "/v1/chat/completions"
         if body.get("endpoint") != endpoint:
-            return _openai_error(
+            return openai_error(
                 400,
                 f"Invalid value for 'endpoint': {body.get('endpoint')!r}; this server supports "
                 f"{endpoint!r}.",
@@ -482,7 +484,7 @@ class FakeBatches:
                 code="invalid_value",
             )
         if body.get("completion_window") != "24h":
-            return _openai_error(
+            return openai_error(
                 400,
                 "Invalid value for 'completion_window': only '24h' is supported.",
                 param="completion_window",
@@ -490,7 +492,7 @@ class FakeBatches:
             )
         file = self._files.get(str(body.get("input_file_id")))
         if file is None or file.purpose != "batch":
-            return _openai_error(
+            return openai_error(
                 400,
                 f"Cannot find file {body.get('input_file_id')}, or it was not uploaded with "
                 "purpose 'batch'.",
@@ -554,35 +556,35 @@ class FakeBatches:
             clock_mark=now,
         )
 
-    def _batch(self, request: web.Request, dialect: str) -> _Batch | web.Response:
+    async def _batch(self, request: web.Request, dialect: str) -> _Batch | web.Response:
+        """The batch the path names, moved up to now (:meth:`_sync`); or the API's 404."""
         batch = self._batches.get(request.match_info["batch_id"])
         family = "anthropic" if dialect == "anthropic" else "openai"
         if batch is None or ("anthropic" if batch.dialect == "anthropic" else "openai") != family:
             if dialect == "anthropic":
                 return _anthropic_error(404, "not_found_error", "Message batch not found")
             message = f"No batch found with id '{request.match_info['batch_id']}'."
-            return _openai_error(404, message, param="batch_id")
+            return openai_error(404, message, param="batch_id")
+        await self._sync(batch)
         return batch
 
     async def retrieve(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         return web.json_response(self._render(batch))
 
     async def cancel(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         async with batch.lock:
             if batch.ended:
                 if dialect == "anthropic":
                     return _anthropic_error(
                         400, "invalid_request_error", f"Batch {batch.id} has already ended"
                     )
-                return _openai_error(
+                return openai_error(
                     409, f"Cannot cancel a batch with status '{batch.status}'.", code=None
                 )
             batch.status = "canceling" if dialect == "anthropic" else "cancelling"
@@ -617,10 +619,9 @@ class FakeBatches:
         )
 
     async def results(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         if not batch.ended:
             return _anthropic_error(
                 400, "invalid_request_error", f"Batch {batch.id} is still {batch.status}"
@@ -632,10 +633,9 @@ class FakeBatches:
         return web.Response(body=text.encode(), content_type="application/binary")
 
     async def delete_batch(self, request: web.Request, dialect: str) -> web.Response:
-        batch = self._batch(request, dialect)
+        batch = await self._batch(request, dialect)
         if isinstance(batch, web.Response):
             return batch
-        await self._sync(batch)
         if not batch.ended:
             return _anthropic_error(
                 400, "invalid_request_error", "Only an ended batch can be deleted; cancel it first"
@@ -1065,22 +1065,6 @@ def _anthropic_result(line: _Line) -> dict[str, Any]:
     if line.state == "failed":
         return {"type": "errored", "error": line.response}
     return {"type": "canceled" if line.state == "cancelled" else "expired"}
-
-
-def _openai_error(
-    status: int,
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.json_response(body, status=status)
-
-
-def _azure_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 def _anthropic_error(status: int, type_: str, message: str) -> web.Response:

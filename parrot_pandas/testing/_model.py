@@ -29,6 +29,7 @@ __all__ = [
     "count_tokens",
     "item_properties",
     "json_body",
+    "last_user_text",
     "message_text",
     "props_from_prompt",
 ]
@@ -48,6 +49,13 @@ def message_text(content: Any) -> str:
             p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
         )
     return ""
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The request's prompt: its last user message's text (what answers and faults key on)."""
+    return next(
+        (message_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+    )
 
 
 def _resolve(node: Any, root: Mapping[str, Any]) -> Any:

@@ -25,6 +25,7 @@ from ._model import (
     count_tokens,
     item_properties,
     json_body,
+    last_user_text,
     message_text,
     props_from_prompt,
 )
@@ -249,9 +250,7 @@ async def chat_body(
     refused = dialect.screen(cfg.filtered, texts)
     if refused is not None:
         return refused
-    prompt = next(
-        (message_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
-    )
+    prompt = last_user_text(messages)
     prompt_tokens = sum(count_tokens(t) for t in texts)
     for schema in plan.schemas:
         prompt_tokens += count_tokens(json.dumps(schema))
