@@ -43,7 +43,7 @@ from ._batch import (
     split,
 )
 from ._url import endpoint
-from .base import Call
+from .base import Call, usage_count
 
 if TYPE_CHECKING:
     from .anthropic import AnthropicProvider
@@ -159,7 +159,8 @@ class AnthropicBatch:
         counts = body.get("request_counts")
         counts = counts if isinstance(counts, Mapping) else {}
         succeeded, errored, canceled, expired = (
-            _int(counts.get(name)) for name in ("succeeded", "errored", "canceled", "expired")
+            usage_count(counts.get(name))
+            for name in ("succeeded", "errored", "canceled", "expired")
         )
         failed = errored + canceled + expired
         outcome = None
@@ -173,7 +174,7 @@ class AnthropicBatch:
             id=body["id"],
             state=state,  # type: ignore[arg-type]
             outcome=outcome,  # type: ignore[arg-type]
-            total=_int(counts.get("processing")) + succeeded + failed,
+            total=usage_count(counts.get("processing")) + succeeded + failed,
             done=succeeded + failed,
             failed=failed,
             results=(url,) if state == "ended" and isinstance(url, str) and url else (),
@@ -217,13 +218,6 @@ class AnthropicBatch:
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
         return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _time(value: Any) -> float | None:

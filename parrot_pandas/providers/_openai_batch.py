@@ -48,7 +48,7 @@ from ._batch import (
     split,
 )
 from ._url import endpoint
-from .base import Call
+from .base import Call, usage_count
 
 if TYPE_CHECKING:
     from .openai import OpenAIProvider
@@ -188,7 +188,7 @@ class OpenAIBatch:
         state, outcome = _STATES.get(word, ("running", None))
         counts = body.get("request_counts")
         counts = counts if isinstance(counts, Mapping) else {}
-        completed, failed = _int(counts.get("completed")), _int(counts.get("failed"))
+        completed, failed = usage_count(counts.get("completed")), usage_count(counts.get("failed"))
         results = tuple(
             file_id
             for file_id in (body.get("output_file_id"), body.get("error_file_id"))
@@ -209,7 +209,7 @@ class OpenAIBatch:
             id=body["id"],
             state=state,  # type: ignore[arg-type]
             outcome=outcome,  # type: ignore[arg-type]
-            total=_int(counts.get("total")),
+            total=usage_count(counts.get("total")),
             done=completed + failed,
             failed=failed,
             results=results if state == "ended" else (),
@@ -234,7 +234,7 @@ class OpenAIBatch:
             code = str(error.get("code") or "batch_error")
             message = str(error.get("message") or _LINE_CODES.get(code, "no response"))
             return line_error(custom_id, message, code=code)
-        status = _int(response.get("status_code"))
+        status = usage_count(response.get("status_code"))
         body = response.get("body")
         if 200 <= status < 300 and not isinstance(body, Mapping):
             # As a live 2xx with an unreadable body: worth asking again.
@@ -250,13 +250,6 @@ class OpenAIBatch:
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
         return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _time(value: Any) -> float | None:
