@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from ..errors import APIError, StructuredOutputError
+from ..errors import APIError
 from ._batch import (
     ENDPOINT_CALL,
     BatchLimits,
@@ -194,12 +194,7 @@ class AnthropicBatch:
     def _read_result(self, custom_id: str, call: Call, result: Mapping[str, Any]) -> LineResult:
         kind = result.get("type")
         if kind == "succeeded" and isinstance(result.get("message"), Mapping):
-            message = result["message"]
-            try:
-                completion = self._provider.parse(call, message, {})
-            except (APIError, StructuredOutputError) as exc:
-                return LineResult(custom_id, error=exc)
-            return answered(custom_id, completion, self._provider.cache_usage(message))
+            return answered(custom_id, self._provider, call, result["message"])
         if kind == "errored":
             body = result.get("error")
             inner = body.get("error") if isinstance(body, Mapping) else None

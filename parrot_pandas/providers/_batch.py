@@ -34,12 +34,16 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .._secrets import redact_url
-from ..errors import APIError, ConfigurationError, Verdict
+from ..errors import APIError, ConfigurationError, StructuredOutputError, Verdict
 from ._prompt_cache import CacheUsage
 from .base import Call, Completion
+
+if TYPE_CHECKING:
+    from .anthropic import AnthropicProvider
+    from .openai import OpenAIProvider
 
 __all__ = [
     "read_page",
@@ -465,9 +469,17 @@ def result_lines(text: bytes, calls: Mapping[str, Call]) -> Iterator[tuple[str, 
             yield custom_id, call, line
 
 
-def answered(custom_id: str, completion: Completion, cache: CacheUsage) -> LineResult:
-    """A line the provider answered: its completion, or, when no choice is usable (cut at
-    max_tokens, filtered, refused), the first problem, with the verdict a live answer gets."""
+def answered(
+    custom_id: str, provider: AnthropicProvider | OpenAIProvider, call: Call, body: Any
+) -> LineResult:
+    """A line the provider answered, read by the provider's own ``parse``: its completion, or,
+    when the body is unreadable or no choice is usable (cut at max_tokens, filtered, refused),
+    the error, with the verdict a live answer gets."""
+    try:
+        completion = provider.parse(call, body, {})
+    except (APIError, StructuredOutputError) as exc:
+        return LineResult(custom_id, error=exc)
+    cache = provider.cache_usage(body)
     if not completion.texts and completion.problems:
         return LineResult(custom_id, error=completion.problems[0], cache=cache)
     return LineResult(custom_id, completion, cache=cache)

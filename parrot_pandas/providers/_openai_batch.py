@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from ..errors import APIError, StructuredOutputError
+from ..errors import APIError
 from ._batch import (
     ENDPOINT_CALL,
     BatchLimits,
@@ -241,11 +241,7 @@ class OpenAIBatch:
             message = f"HTTP {status} with an unreadable body: {str(body)[:200]}"
             return line_error(custom_id, message, code="batch_unreadable", status=status)
         if 200 <= status < 300:
-            try:
-                completion = self._provider.parse(call, body, {})
-            except (APIError, StructuredOutputError) as exc:
-                return LineResult(custom_id, error=exc)
-            return answered(custom_id, completion, self._provider.cache_usage(body))
+            return answered(custom_id, self._provider, call, body)
         return LineResult(custom_id, error=self._provider.error(call, status or 500, body, {}))
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
