@@ -63,7 +63,7 @@ class Client:
         self._max_connections = max_connections
         self._secret = secret
         self._session: aiohttp.ClientSession | None = None
-        self._proxies: dict[str, str | None] = {}
+        self._proxies = _Proxies()
         # Prompt-cache tokens the live answers reported (read, written), summed.
         self.prompt_cache = CacheUsage()
         self._cache_usage = getattr(provider, "cache_usage", None)  # optional for a provider
@@ -100,7 +100,7 @@ class Client:
         # (aiohttp's json= would build and dump a dict per request: issue 12, CPU per row).
         url, sent, data = self.provider.encode(call)
         try:
-            proxy = self._proxies[url] if url in self._proxies else self._proxy(url)
+            proxy = self._proxies[url]
             async with self._session.post(url, data=data, headers=sent, proxy=proxy) as response:
                 status = response.status
                 headers = response.headers
@@ -148,13 +148,6 @@ class Client:
         return exc
 
     def _proxy(self, url: str) -> str | None:
-        # The standard proxy variables (HTTPS_PROXY, NO_PROXY, ...), once per URL.
-        if url not in self._proxies:
-            parts = urllib.parse.urlsplit(url)
-            host = parts.hostname or ""
-            # A local server (llama.cpp, the test server) is never reached through a proxy.
-            bypass = _is_loopback(host) or urllib.request.proxy_bypass(host)
-            self._proxies[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
         return self._proxies[url]
 
     def _scrub(self, text: str, url: str | None = None) -> str:
@@ -189,6 +182,23 @@ def _connection_error(exc: aiohttp.ClientError) -> APIConnectionError:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return APIConnectionError(text, verdict=_UNREACHABLE)
     return APIConnectionError(text)
+
+
+class _Proxies(dict[str, str | None]):
+    """URL -> the proxy to reach it through (``None``: directly), from the standard proxy
+    variables (HTTPS_PROXY, NO_PROXY, ...), worked out once per URL.
+
+    A lookup of a known URL is one plain dict lookup (the request path's, issue 12, CPU per
+    row); only an unknown one calls :meth:`__missing__`.
+    """
+
+    def __missing__(self, url: str) -> str | None:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        # A local server (llama.cpp, the test server) is never reached through a proxy.
+        bypass = _is_loopback(host) or urllib.request.proxy_bypass(host)
+        proxy = self[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
+        return proxy
 
 
 def _is_loopback(host: str) -> bool:
