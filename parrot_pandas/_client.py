@@ -22,7 +22,7 @@ from .errors import APIConnectionError, APIError, StructuredOutputError, Verdict
 from .providers import Call, Completion, Provider
 from .providers._prompt_cache import CacheUsage
 
-__all__ = ["Client"]
+__all__ = ["Client", "decode_body"]
 
 # No connection at all (refused, no such host): retried, and if it never comes, no row can
 # succeed. A certificate the client refuses will not change by asking again.
@@ -115,7 +115,7 @@ class Client:
             # UTF-8 decoded first: json.loads on bytes detects the encoding per call (issue 12).
             body = _JSON.decode(raw.decode())
         except ValueError:
-            body = _decode(raw)
+            body = decode_body(raw)
         try:
             if not 200 <= status < 300:
                 raise self.provider.error(call, status, body, headers)
@@ -210,9 +210,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _decode(raw: bytes) -> Any:
-    # What the fast path could not read: another Unicode encoding (json.loads detects it), or
-    # not JSON at all (an HTML error page), kept as text for the error message.
+def decode_body(raw: bytes) -> Any:
+    """A response body the fast UTF-8 path could not read, for an error message: JSON in
+    another Unicode encoding (``json.loads`` detects it), or else the text (an HTML page)."""
     try:
         return json.loads(raw)
     except ValueError:
