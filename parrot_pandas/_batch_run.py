@@ -65,7 +65,7 @@ from ._packer import auto_bounds, packed_strategy
 from ._packing import PackedPlan, PackResult, halve
 from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
 from ._progress import _AUTO_MIN_ROWS
-from ._scheduler import Scheduler, _message
+from ._scheduler import Scheduler, error_message
 from ._secrets import redact_url
 from ._tokens import Tokenizer
 from .errors import APIError, StructuredOutputError, Verdict
@@ -868,9 +868,9 @@ class BatchScheduler(Scheduler):
             verdict = getattr(error, "verdict", None) or Verdict("row", False, "unknown")
             if isinstance(error, APIError) and verdict.retry:
                 return [], True
-            mapped = PackResult.failed(len(line.jobs), verdict.reason, _message(error))
+            mapped = PackResult.failed(len(line.jobs), verdict.reason, error_message(error))
         group = [line.jobs[i] for i in live]
-        failed, _ = packer._keep(group, PackResult([mapped.rows[i] for i in live], mapped.unknown))
+        failed, _ = packer.keep(group, PackResult([mapped.rows[i] for i in live], mapped.unknown))
         for job in failed:
             if id(job) not in self._repacked:
                 self._repacked.add(id(job))
