@@ -30,6 +30,7 @@ from urllib.parse import quote, urlencode
 from ..errors import APIError
 from ._batch import (
     ENDPOINT_CALL,
+    NOT_RUN,
     BatchLimits,
     BatchPart,
     BatchStatus,
@@ -68,6 +69,8 @@ ANTHROPIC_ERROR_STATUS = {
 }
 
 _STATES = {"in_progress": "running", "canceling": "cancelling", "ended": "ended"}
+# Result types of a request that never ran -> the error code every protocol gives it.
+_NOT_RUN = {"canceled": "batch_cancelled", "expired": "batch_expired"}
 _ENVELOPE = len(b'{"requests":[]}')
 
 
@@ -201,14 +204,9 @@ class AnthropicBatch:
             error_type = inner.get("type") if isinstance(inner, Mapping) else None
             status = ANTHROPIC_ERROR_STATUS.get(str(error_type), 500)
             return LineResult(custom_id, error=self._provider.error(call, status, body, {}))
-        if kind == "canceled":
-            return line_error(
-                custom_id, "the batch was cancelled before this request ran", code="batch_cancelled"
-            )
-        if kind == "expired":
-            return line_error(
-                custom_id, "the batch expired before this request ran", code="batch_expired"
-            )
+        code = _NOT_RUN.get(str(kind))
+        if code is not None:
+            return line_error(custom_id, NOT_RUN[code], code=code)
         return line_error(custom_id, f"unknown batch result {kind!r}", code="batch_error")
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:

@@ -51,6 +51,7 @@ __all__ = [
     "answered",
     "ENDPOINT_CALL",
     "CUSTOM_ID",
+    "NOT_RUN",
     "BatchLimits",
     "BatchPart",
     "BatchProblem",
@@ -380,10 +381,13 @@ def line_error(
     return LineResult(custom_id, error=APIError(message, status=status, code=code, verdict=verdict))
 
 
-_NO_LINE = {
-    "expired": ("batch_expired", "the batch expired before this request ran"),
-    "cancelled": ("batch_cancelled", "the batch was cancelled before this request ran"),
+# Why a line of a batch has no answer, by its error code: the same words for every provider.
+NOT_RUN = {
+    "batch_expired": "the batch expired before this request ran",
+    "batch_cancelled": "the batch was cancelled before this request ran",
 }
+# A line missing from an ended batch's results: the code by how the batch ended.
+_NO_LINE = {"expired": "batch_expired", "cancelled": "batch_cancelled"}
 
 
 def collect(
@@ -414,9 +418,8 @@ def collect(
     for result in results:
         if result.custom_id in wanted and result.custom_id not in found:
             found[result.custom_id] = result
-    code, message = _NO_LINE.get(
-        status.outcome or "", ("batch_missing", "the batch ended without a result for this request")
-    )
+    code = _NO_LINE.get(status.outcome or "", "batch_missing")
+    message = NOT_RUN.get(code, "the batch ended without a result for this request")
     message = f"{message} (batch {status.id})"
     return {cid: found.get(cid) or line_error(cid, message, code=code) for cid in custom_ids}
 

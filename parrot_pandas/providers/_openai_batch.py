@@ -33,6 +33,7 @@ from urllib.parse import quote, urlencode
 from ..errors import APIError
 from ._batch import (
     ENDPOINT_CALL,
+    NOT_RUN,
     BatchLimits,
     BatchPart,
     BatchProblem,
@@ -70,11 +71,7 @@ _STATES: dict[str, tuple[str, str | None]] = {
 
 # Error codes of a line that never got a response, all worth resubmitting: the batch ran out
 # of time or was cancelled first, or the model call timed out inside the batch.
-_LINE_CODES = {
-    "batch_expired": "the batch expired before this request ran",
-    "batch_cancelled": "the batch was cancelled before this request ran",
-    "request_timeout": "the request timed out inside the batch",
-}
+_LINE_CODES = {**NOT_RUN, "request_timeout": "the request timed out inside the batch"}
 
 
 class OpenAIBatch:
