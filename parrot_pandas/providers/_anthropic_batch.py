@@ -29,15 +29,14 @@ from urllib.parse import quote, urlencode
 
 from ..errors import APIError
 from ._batch import (
-    ENDPOINT_CALL,
     NOT_RUN,
     BatchLimits,
     BatchPart,
     BatchStatus,
     LineResult,
+    ProviderBatch,
     WireRequest,
     answered,
-    endpoint_error,
     line_error,
     read_page,
     result_lines,
@@ -74,7 +73,7 @@ _NOT_RUN = {"canceled": "batch_cancelled", "expired": "batch_expired"}
 _ENVELOPE = len(b'{"requests":[]}')
 
 
-class AnthropicBatch:
+class AnthropicBatch(ProviderBatch):
     """The Message Batches API of an :class:`~parrot_pandas.providers.anthropic.AnthropicProvider`.
 
     Parameters
@@ -90,17 +89,7 @@ class AnthropicBatch:
     name = "anthropic"
     limits = ANTHROPIC_LIMITS
     keeps_metadata = False
-
-    def __init__(
-        self, provider: AnthropicProvider, base_url: str, headers: Mapping[str, str]
-    ) -> None:
-        self._provider = provider
-        self._base_url = base_url
-        self._json_headers = dict(headers)
-        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-
-    def __repr__(self) -> str:
-        return f"AnthropicBatch({self._provider!r})"
+    _provider: AnthropicProvider
 
     def _url(self, path: str, **query: Any) -> str:
         extra = urlencode({k: v for k, v in query.items() if v is not None})
@@ -208,9 +197,6 @@ class AnthropicBatch:
         if code is not None:
             return line_error(custom_id, NOT_RUN[code], code=code)
         return line_error(custom_id, f"unknown batch result {kind!r}", code="batch_error")
-
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
 
 
 def _time(value: Any) -> float | None:

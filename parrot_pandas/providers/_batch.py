@@ -52,6 +52,7 @@ __all__ = [
     "ENDPOINT_CALL",
     "CUSTOM_ID",
     "NOT_RUN",
+    "ProviderBatch",
     "BatchLimits",
     "BatchPart",
     "BatchProblem",
@@ -301,6 +302,39 @@ class BatchProtocol(Protocol):
 
     def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
         """A non-2xx response of a batch endpoint -> its ``APIError`` (:func:`endpoint_error`)."""
+
+
+class ProviderBatch:
+    """What every :class:`BatchProtocol` here shares: its provider, URL and headers, and the
+    judging of an endpoint's error by the provider's own rules.
+
+    Parameters
+    ----------
+    provider
+        Builds each request's body and reads each answer (``build``, ``parse``, ``error``).
+    base_url : str
+        The provider's base URL.
+    headers : mapping
+        The provider's headers (its key among them).
+    """
+
+    def __init__(
+        self,
+        provider: AnthropicProvider | OpenAIProvider,
+        base_url: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        self._provider = provider
+        self._base_url = base_url
+        self._json_headers = dict(headers)
+        # multipart and GET requests carry their own Content-Type, or none.
+        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._provider!r})"
+
+    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
 
 
 def split(

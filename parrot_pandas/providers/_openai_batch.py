@@ -32,17 +32,16 @@ from urllib.parse import quote, urlencode
 
 from ..errors import APIError
 from ._batch import (
-    ENDPOINT_CALL,
     NOT_RUN,
     BatchLimits,
     BatchPart,
     BatchProblem,
     BatchStatus,
     LineResult,
+    ProviderBatch,
     Upload,
     WireRequest,
     answered,
-    endpoint_error,
     line_error,
     read_page,
     result_lines,
@@ -74,7 +73,7 @@ _STATES: dict[str, tuple[str, str | None]] = {
 _LINE_CODES = {**NOT_RUN, "request_timeout": "the request timed out inside the batch"}
 
 
-class OpenAIBatch:
+class OpenAIBatch(ProviderBatch):
     """The Batch API of an :class:`~parrot_pandas.providers.openai.OpenAIProvider`.
 
     Parameters
@@ -90,18 +89,9 @@ class OpenAIBatch:
     name = "openai"
     limits = OPENAI_LIMITS
     keeps_metadata = True
+    _provider: OpenAIProvider
     # The url in every line, and the batch's endpoint: they must be equal.
     line_url = "/v1/chat/completions"
-
-    def __init__(self, provider: OpenAIProvider, base_url: str, headers: Mapping[str, str]) -> None:
-        self._provider = provider
-        self._base_url = base_url
-        self._json_headers = dict(headers)
-        # multipart and GET requests carry their own Content-Type, or none.
-        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._provider!r})"
 
     def _url(self, path: str, **query: Any) -> str:
         extra = urlencode({k: v for k, v in query.items() if v is not None})
@@ -240,9 +230,6 @@ class OpenAIBatch:
         if 200 <= status < 300:
             return answered(custom_id, self._provider, call, body)
         return LineResult(custom_id, error=self._provider.error(call, status or 500, body, {}))
-
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
 
 
 def _time(value: Any) -> float | None:
