@@ -106,6 +106,8 @@ _STEM = 40
 _DIGEST_KEY = "parrot_digest"
 # Seconds the provider's clock may be behind ours (batch creation times against a claim's).
 _CLOCK_SKEW = 60.0
+# The verdict of a line's error that carries none: the row's, not worth another try.
+_UNKNOWN = Verdict("row", False, "unknown")
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
 #: Prompts whose lengths size a batch's packs for rows_per_request="auto".
@@ -313,6 +315,10 @@ class _Line:
 def _settled(job: Job) -> bool:
     # Finished (its answers maybe not yet durable, so not yet ``done``) or failed.
     return job.done or job.values is not None
+
+
+def _verdict(error: Exception | None) -> Verdict:
+    return getattr(error, "verdict", None) or _UNKNOWN
 
 
 def batch_rows_per_request(packed: PackedPlan, prompts: Sequence[str]) -> int:
@@ -836,7 +842,7 @@ class BatchScheduler(Scheduler):
             problem = judged if worth else None
         if problem is None:
             return False
-        verdict = getattr(problem, "verdict", None) or Verdict("row", False, "unknown")
+        verdict = _verdict(problem)
         if verdict.retry:
             return True
         self._end(job, problem)
@@ -865,7 +871,7 @@ class BatchScheduler(Scheduler):
             mapped = packed.read(completion, len(line.jobs), line.want)
         else:
             error = result.error
-            verdict = getattr(error, "verdict", None) or Verdict("row", False, "unknown")
+            verdict = _verdict(error)
             if isinstance(error, APIError) and verdict.retry:
                 return [], True
             mapped = PackResult.failed(len(line.jobs), verdict.reason, error_message(error))
