@@ -58,7 +58,7 @@ from typing import Any
 
 import aiohttp
 
-from ._client import Client
+from ._client import Client, decode_body
 from .errors import APIConnectionError, APIError, StructuredOutputError
 from .providers import Call, Provider
 from .providers._batch import (
@@ -154,7 +154,7 @@ class BatchClient(Client):
             raise APIConnectionError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
         if 200 <= status < 300:
             return raw
-        error = self.protocol.error(status, _decode(raw), headers)
+        error = self.protocol.error(status, decode_body(raw), headers)
         error.message = self._scrub(error.message)
         error.args = (error.message,)
         raise error
@@ -262,10 +262,3 @@ class BatchClient(Client):
             error.message = self._scrub(error.message)
             error.args = (error.message,)
         return result
-
-
-def _decode(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")

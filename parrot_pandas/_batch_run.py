@@ -65,7 +65,7 @@ from ._packer import auto_bounds, packed_strategy
 from ._packing import PackedPlan, PackResult, halve
 from ._pricing import BATCH_DISCOUNT, batch_cost, cache_price_factors, cost, price_of
 from ._progress import _AUTO_MIN_ROWS
-from ._scheduler import Scheduler, _message
+from ._scheduler import Scheduler, error_message
 from ._secrets import redact_url
 from ._tokens import Tokenizer
 from .errors import APIError, StructuredOutputError, Verdict
@@ -106,6 +106,8 @@ _STEM = 40
 _DIGEST_KEY = "parrot_digest"
 # Seconds the provider's clock may be behind ours (batch creation times against a claim's).
 _CLOCK_SKEW = 60.0
+# The verdict of a line's error that carries none: the row's, not worth another try.
+_UNKNOWN = Verdict("row", False, "unknown")
 # Batches a line may be in before its row goes live (the first, and one for what failed).
 ROUNDS = 2
 #: Prompts whose lengths size a batch's packs for rows_per_request="auto".
@@ -313,6 +315,10 @@ class _Line:
 def _settled(job: Job) -> bool:
     # Finished (its answers maybe not yet durable, so not yet ``done``) or failed.
     return job.done or job.values is not None
+
+
+def _verdict(error: Exception | None) -> Verdict:
+    return getattr(error, "verdict", None) or _UNKNOWN
 
 
 def batch_rows_per_request(packed: PackedPlan, prompts: Sequence[str]) -> int:
@@ -837,7 +843,7 @@ class BatchScheduler(Scheduler):
             problem = judged if worth else None
         if problem is None:
             return False
-        verdict = getattr(problem, "verdict", None) or Verdict("row", False, "unknown")
+        verdict = _verdict(problem)
         if verdict.retry:
             return True
         self._end(job, problem)
@@ -866,12 +872,12 @@ class BatchScheduler(Scheduler):
             mapped = packed.read(completion, len(line.jobs), line.want)
         else:
             error = result.error
-            verdict = getattr(error, "verdict", None) or Verdict("row", False, "unknown")
+            verdict = _verdict(error)
             if isinstance(error, APIError) and verdict.retry:
                 return [], True
-            mapped = PackResult.failed(len(line.jobs), verdict.reason, _message(error))
+            mapped = PackResult.failed(len(line.jobs), verdict.reason, error_message(error))
         group = [line.jobs[i] for i in live]
-        failed, _ = packer._keep(group, PackResult([mapped.rows[i] for i in live], mapped.unknown))
+        failed, _ = packer.keep(group, PackResult([mapped.rows[i] for i in live], mapped.unknown))
         for job in failed:
             if id(job) not in self._repacked:
                 self._repacked.add(id(job))

@@ -22,7 +22,7 @@ from .errors import APIConnectionError, APIError, StructuredOutputError, Verdict
 from .providers import Call, Completion, Provider
 from .providers._prompt_cache import CacheUsage
 
-__all__ = ["Client"]
+__all__ = ["Client", "decode_body"]
 
 # No connection at all (refused, no such host): retried, and if it never comes, no row can
 # succeed. A certificate the client refuses will not change by asking again.
@@ -63,7 +63,7 @@ class Client:
         self._max_connections = max_connections
         self._secret = secret
         self._session: aiohttp.ClientSession | None = None
-        self._proxies: dict[str, str | None] = {}
+        self._proxies = _Proxies()
         # Prompt-cache tokens the live answers reported (read, written), summed.
         self.prompt_cache = CacheUsage()
         self._cache_usage = getattr(provider, "cache_usage", None)  # optional for a provider
@@ -100,7 +100,7 @@ class Client:
         # (aiohttp's json= would build and dump a dict per request: issue 12, CPU per row).
         url, sent, data = self.provider.encode(call)
         try:
-            proxy = self._proxies[url] if url in self._proxies else self._proxy(url)
+            proxy = self._proxies[url]
             async with self._session.post(url, data=data, headers=sent, proxy=proxy) as response:
                 status = response.status
                 headers = response.headers
@@ -115,7 +115,7 @@ class Client:
             # UTF-8 decoded first: json.loads on bytes detects the encoding per call (issue 12).
             body = _JSON.decode(raw.decode())
         except ValueError:
-            body = _decode(raw)
+            body = decode_body(raw)
         try:
             if not 200 <= status < 300:
                 raise self.provider.error(call, status, body, headers)
@@ -148,13 +148,6 @@ class Client:
         return exc
 
     def _proxy(self, url: str) -> str | None:
-        # The standard proxy variables (HTTPS_PROXY, NO_PROXY, ...), once per URL.
-        if url not in self._proxies:
-            parts = urllib.parse.urlsplit(url)
-            host = parts.hostname or ""
-            # A local server (llama.cpp, the test server) is never reached through a proxy.
-            bypass = _is_loopback(host) or urllib.request.proxy_bypass(host)
-            self._proxies[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
         return self._proxies[url]
 
     def _scrub(self, text: str, url: str | None = None) -> str:
@@ -191,6 +184,23 @@ def _connection_error(exc: aiohttp.ClientError) -> APIConnectionError:
     return APIConnectionError(text)
 
 
+class _Proxies(dict[str, str | None]):
+    """URL -> the proxy to reach it through (``None``: directly), from the standard proxy
+    variables (HTTPS_PROXY, NO_PROXY, ...), worked out once per URL.
+
+    A lookup of a known URL is one plain dict lookup (the request path's, issue 12, CPU per
+    row); only an unknown one calls :meth:`__missing__`.
+    """
+
+    def __missing__(self, url: str) -> str | None:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        # A local server (llama.cpp, the test server) is never reached through a proxy.
+        bypass = _is_loopback(host) or urllib.request.proxy_bypass(host)
+        proxy = self[url] = None if bypass else urllib.request.getproxies().get(parts.scheme)
+        return proxy
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -200,9 +210,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _decode(raw: bytes) -> Any:
-    # What the fast path could not read: another Unicode encoding (json.loads detects it), or
-    # not JSON at all (an HTML error page), kept as text for the error message.
+def decode_body(raw: bytes) -> Any:
+    """A response body the fast UTF-8 path could not read, for an error message: JSON in
+    another Unicode encoding (``json.loads`` detects it), or else the text (an HTML page)."""
     try:
         return json.loads(raw)
     except ValueError:

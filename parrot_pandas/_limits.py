@@ -594,9 +594,10 @@ class RateBudget:
             self._tokens.take(tokens)
 
     def _note_cost(self, tokens: float) -> None:
-        if tokens > self._largest_cost:
-            self._largest_cost = float(tokens)
-            self._resize()
+        # A new largest cost; the callers compare first, so the request path makes no call
+        # for a request no larger than the largest seen.
+        self._largest_cost = float(tokens)
+        self._resize()
 
     def settle(self, estimated: int, actual: int) -> None:
         """Correct the token count once a response reports its real usage.

@@ -319,7 +319,7 @@ class Packer:
                 result = PackResult.failed(len(group), verdict.reason, exc.message)
                 self._oversized(verdict.reason, len(group))
                 break
-        return self._keep(group, result)
+        return self.keep(group, result)
 
     async def _attempt(self, packed: PackedPlan, group: list[Job], want: int) -> PackResult:
         # One packed request. Its answer's problems are mapped to rows, never raised: only a
@@ -340,7 +340,10 @@ class Packer:
             self._sizer.observe(len(group) * max(samples, 1), result.mapped, oversized=oversized)
         return result
 
-    def _keep(self, group: list[Job], result: PackResult) -> tuple[list[Job], list[Job]]:
+    def keep(self, group: list[Job], result: PackResult) -> tuple[list[Job], list[Job]]:
+        """Keep what a packed answer mapped, row by row, for a live packed request and for a
+        batch line alike: return the jobs to ask again in halves and the jobs to ask again as
+        they are."""
         scheduler = self._scheduler
         n = self._n
         failed: list[Job] = []

@@ -291,14 +291,6 @@ class PackedPlan:
                 "a packed request needs a structured strategy (tools, json_schema, ...)"
             )
 
-    @classmethod
-    def for_template(
-        cls, plan: RequestPlan, template: PromptTemplate, strategy: str | None = None
-    ) -> PackedPlan:
-        """The packed plan of a run, with the template's static ends factored out."""
-        prefix, suffix = template_ends(template)
-        return cls(plan, prefix, suffix, strategy)
-
     @property
     def generate(self) -> bool:
         """Whether rows are answered with free text (``generate``) rather than fields."""

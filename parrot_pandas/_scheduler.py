@@ -55,7 +55,7 @@ from ._retry import RETRIED, RetryPolicy
 from .errors import RATE_LIMITED, APIConnectionError, APIError, StructuredOutputError, Verdict
 from .providers import Call, Completion
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "error_message"]
 
 logger = logging.getLogger("parrot_pandas")
 
@@ -268,7 +268,8 @@ class Scheduler:
             if failures >= _SETUP_TRIES:
                 raise _with_message(
                     error,
-                    f"the first {failures} rows sent all failed, the last with: {_message(error)}. "
+                    f"the first {failures} rows sent all failed, the last with: "
+                    f"{error_message(error)}. "
                     "The run stops here rather than pay for every row: fix the cause and run "
                     "again (answers already received are cached).",
                     Verdict("run", False, "setup_failed"),
@@ -644,7 +645,8 @@ def _worse(
     return known
 
 
-def _message(exc: Exception) -> str:
+def error_message(exc: Exception) -> str:
+    """An error's own message (an APIError's, without its context), or its text."""
     return getattr(exc, "message", None) or str(exc)
 
 

@@ -27,23 +27,23 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from ..errors import APIError, StructuredOutputError
+from ..errors import APIError
 from ._batch import (
-    ENDPOINT_CALL,
+    NOT_RUN,
     BatchLimits,
     BatchPart,
     BatchStatus,
     LineResult,
+    ProviderBatch,
     WireRequest,
     answered,
-    endpoint_error,
     line_error,
     read_page,
     result_lines,
     split,
 )
 from ._url import endpoint
-from .base import Call
+from .base import Call, usage_count
 
 if TYPE_CHECKING:
     from .anthropic import AnthropicProvider
@@ -68,10 +68,12 @@ ANTHROPIC_ERROR_STATUS = {
 }
 
 _STATES = {"in_progress": "running", "canceling": "cancelling", "ended": "ended"}
+# Result types of a request that never ran -> the error code every protocol gives it.
+_NOT_RUN = {"canceled": "batch_cancelled", "expired": "batch_expired"}
 _ENVELOPE = len(b'{"requests":[]}')
 
 
-class AnthropicBatch:
+class AnthropicBatch(ProviderBatch):
     """The Message Batches API of an :class:`~parrot_pandas.providers.anthropic.AnthropicProvider`.
 
     Parameters
@@ -87,17 +89,7 @@ class AnthropicBatch:
     name = "anthropic"
     limits = ANTHROPIC_LIMITS
     keeps_metadata = False
-
-    def __init__(
-        self, provider: AnthropicProvider, base_url: str, headers: Mapping[str, str]
-    ) -> None:
-        self._provider = provider
-        self._base_url = base_url
-        self._json_headers = dict(headers)
-        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-
-    def __repr__(self) -> str:
-        return f"AnthropicBatch({self._provider!r})"
+    _provider: AnthropicProvider
 
     def _url(self, path: str, **query: Any) -> str:
         extra = urlencode({k: v for k, v in query.items() if v is not None})
@@ -159,7 +151,8 @@ class AnthropicBatch:
         counts = body.get("request_counts")
         counts = counts if isinstance(counts, Mapping) else {}
         succeeded, errored, canceled, expired = (
-            _int(counts.get(name)) for name in ("succeeded", "errored", "canceled", "expired")
+            usage_count(counts.get(name))
+            for name in ("succeeded", "errored", "canceled", "expired")
         )
         failed = errored + canceled + expired
         outcome = None
@@ -173,7 +166,7 @@ class AnthropicBatch:
             id=body["id"],
             state=state,  # type: ignore[arg-type]
             outcome=outcome,  # type: ignore[arg-type]
-            total=_int(counts.get("processing")) + succeeded + failed,
+            total=usage_count(counts.get("processing")) + succeeded + failed,
             done=succeeded + failed,
             failed=failed,
             results=(url,) if state == "ended" and isinstance(url, str) and url else (),
@@ -193,37 +186,17 @@ class AnthropicBatch:
     def _read_result(self, custom_id: str, call: Call, result: Mapping[str, Any]) -> LineResult:
         kind = result.get("type")
         if kind == "succeeded" and isinstance(result.get("message"), Mapping):
-            message = result["message"]
-            try:
-                completion = self._provider.parse(call, message, {})
-            except (APIError, StructuredOutputError) as exc:
-                return LineResult(custom_id, error=exc)
-            return answered(custom_id, completion, self._provider.cache_usage(message))
+            return answered(custom_id, self._provider, call, result["message"])
         if kind == "errored":
             body = result.get("error")
             inner = body.get("error") if isinstance(body, Mapping) else None
             error_type = inner.get("type") if isinstance(inner, Mapping) else None
             status = ANTHROPIC_ERROR_STATUS.get(str(error_type), 500)
             return LineResult(custom_id, error=self._provider.error(call, status, body, {}))
-        if kind == "canceled":
-            return line_error(
-                custom_id, "the batch was cancelled before this request ran", code="batch_cancelled"
-            )
-        if kind == "expired":
-            return line_error(
-                custom_id, "the batch expired before this request ran", code="batch_expired"
-            )
+        code = _NOT_RUN.get(str(kind))
+        if code is not None:
+            return line_error(custom_id, NOT_RUN[code], code=code)
         return line_error(custom_id, f"unknown batch result {kind!r}", code="batch_error")
-
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _time(value: Any) -> float | None:

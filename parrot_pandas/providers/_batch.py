@@ -34,12 +34,16 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .._secrets import redact_url
-from ..errors import APIError, ConfigurationError, Verdict
+from ..errors import APIError, ConfigurationError, StructuredOutputError, Verdict
 from ._prompt_cache import CacheUsage
 from .base import Call, Completion
+
+if TYPE_CHECKING:
+    from .anthropic import AnthropicProvider
+    from .openai import OpenAIProvider
 
 __all__ = [
     "read_page",
@@ -47,6 +51,8 @@ __all__ = [
     "answered",
     "ENDPOINT_CALL",
     "CUSTOM_ID",
+    "NOT_RUN",
+    "ProviderBatch",
     "BatchLimits",
     "BatchPart",
     "BatchProblem",
@@ -298,6 +304,39 @@ class BatchProtocol(Protocol):
         """A non-2xx response of a batch endpoint -> its ``APIError`` (:func:`endpoint_error`)."""
 
 
+class ProviderBatch:
+    """What every :class:`BatchProtocol` here shares: its provider, URL and headers, and the
+    judging of an endpoint's error by the provider's own rules.
+
+    Parameters
+    ----------
+    provider
+        Builds each request's body and reads each answer (``build``, ``parse``, ``error``).
+    base_url : str
+        The provider's base URL.
+    headers : mapping
+        The provider's headers (its key among them).
+    """
+
+    def __init__(
+        self,
+        provider: AnthropicProvider | OpenAIProvider,
+        base_url: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        self._provider = provider
+        self._base_url = base_url
+        self._json_headers = dict(headers)
+        # multipart and GET requests carry their own Content-Type, or none.
+        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._provider!r})"
+
+    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
+        return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
+
+
 def split(
     items: Iterable[tuple[str, bytes]],
     limits: BatchLimits,
@@ -376,10 +415,13 @@ def line_error(
     return LineResult(custom_id, error=APIError(message, status=status, code=code, verdict=verdict))
 
 
-_NO_LINE = {
-    "expired": ("batch_expired", "the batch expired before this request ran"),
-    "cancelled": ("batch_cancelled", "the batch was cancelled before this request ran"),
+# Why a line of a batch has no answer, by its error code: the same words for every provider.
+NOT_RUN = {
+    "batch_expired": "the batch expired before this request ran",
+    "batch_cancelled": "the batch was cancelled before this request ran",
 }
+# A line missing from an ended batch's results: the code by how the batch ended.
+_NO_LINE = {"expired": "batch_expired", "cancelled": "batch_cancelled"}
 
 
 def collect(
@@ -410,9 +452,8 @@ def collect(
     for result in results:
         if result.custom_id in wanted and result.custom_id not in found:
             found[result.custom_id] = result
-    code, message = _NO_LINE.get(
-        status.outcome or "", ("batch_missing", "the batch ended without a result for this request")
-    )
+    code = _NO_LINE.get(status.outcome or "", "batch_missing")
+    message = NOT_RUN.get(code, "the batch ended without a result for this request")
     message = f"{message} (batch {status.id})"
     return {cid: found.get(cid) or line_error(cid, message, code=code) for cid in custom_ids}
 
@@ -465,9 +506,17 @@ def result_lines(text: bytes, calls: Mapping[str, Call]) -> Iterator[tuple[str, 
             yield custom_id, call, line
 
 
-def answered(custom_id: str, completion: Completion, cache: CacheUsage) -> LineResult:
-    """A line the provider answered: its completion, or, when no choice is usable (cut at
-    max_tokens, filtered, refused), the first problem, with the verdict a live answer gets."""
+def answered(
+    custom_id: str, provider: AnthropicProvider | OpenAIProvider, call: Call, body: Any
+) -> LineResult:
+    """A line the provider answered, read by the provider's own ``parse``: its completion, or,
+    when the body is unreadable or no choice is usable (cut at max_tokens, filtered, refused),
+    the error, with the verdict a live answer gets."""
+    try:
+        completion = provider.parse(call, body, {})
+    except (APIError, StructuredOutputError) as exc:
+        return LineResult(custom_id, error=exc)
+    cache = provider.cache_usage(body)
     if not completion.texts and completion.problems:
         return LineResult(custom_id, error=completion.problems[0], cache=cache)
     return LineResult(custom_id, completion, cache=cache)

@@ -30,25 +30,25 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from ..errors import APIError, StructuredOutputError
+from ..errors import APIError
 from ._batch import (
-    ENDPOINT_CALL,
+    NOT_RUN,
     BatchLimits,
     BatchPart,
     BatchProblem,
     BatchStatus,
     LineResult,
+    ProviderBatch,
     Upload,
     WireRequest,
     answered,
-    endpoint_error,
     line_error,
     read_page,
     result_lines,
     split,
 )
 from ._url import endpoint
-from .base import Call
+from .base import Call, usage_count
 
 if TYPE_CHECKING:
     from .openai import OpenAIProvider
@@ -70,14 +70,10 @@ _STATES: dict[str, tuple[str, str | None]] = {
 
 # Error codes of a line that never got a response, all worth resubmitting: the batch ran out
 # of time or was cancelled first, or the model call timed out inside the batch.
-_LINE_CODES = {
-    "batch_expired": "the batch expired before this request ran",
-    "batch_cancelled": "the batch was cancelled before this request ran",
-    "request_timeout": "the request timed out inside the batch",
-}
+_LINE_CODES = {**NOT_RUN, "request_timeout": "the request timed out inside the batch"}
 
 
-class OpenAIBatch:
+class OpenAIBatch(ProviderBatch):
     """The Batch API of an :class:`~parrot_pandas.providers.openai.OpenAIProvider`.
 
     Parameters
@@ -93,18 +89,9 @@ class OpenAIBatch:
     name = "openai"
     limits = OPENAI_LIMITS
     keeps_metadata = True
+    _provider: OpenAIProvider
     # The url in every line, and the batch's endpoint: they must be equal.
     line_url = "/v1/chat/completions"
-
-    def __init__(self, provider: OpenAIProvider, base_url: str, headers: Mapping[str, str]) -> None:
-        self._provider = provider
-        self._base_url = base_url
-        self._json_headers = dict(headers)
-        # multipart and GET requests carry their own Content-Type, or none.
-        self._headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._provider!r})"
 
     def _url(self, path: str, **query: Any) -> str:
         extra = urlencode({k: v for k, v in query.items() if v is not None})
@@ -188,7 +175,7 @@ class OpenAIBatch:
         state, outcome = _STATES.get(word, ("running", None))
         counts = body.get("request_counts")
         counts = counts if isinstance(counts, Mapping) else {}
-        completed, failed = _int(counts.get("completed")), _int(counts.get("failed"))
+        completed, failed = usage_count(counts.get("completed")), usage_count(counts.get("failed"))
         results = tuple(
             file_id
             for file_id in (body.get("output_file_id"), body.get("error_file_id"))
@@ -209,7 +196,7 @@ class OpenAIBatch:
             id=body["id"],
             state=state,  # type: ignore[arg-type]
             outcome=outcome,  # type: ignore[arg-type]
-            total=_int(counts.get("total")),
+            total=usage_count(counts.get("total")),
             done=completed + failed,
             failed=failed,
             results=results if state == "ended" else (),
@@ -234,29 +221,15 @@ class OpenAIBatch:
             code = str(error.get("code") or "batch_error")
             message = str(error.get("message") or _LINE_CODES.get(code, "no response"))
             return line_error(custom_id, message, code=code)
-        status = _int(response.get("status_code"))
+        status = usage_count(response.get("status_code"))
         body = response.get("body")
         if 200 <= status < 300 and not isinstance(body, Mapping):
             # As a live 2xx with an unreadable body: worth asking again.
             message = f"HTTP {status} with an unreadable body: {str(body)[:200]}"
             return line_error(custom_id, message, code="batch_unreadable", status=status)
         if 200 <= status < 300:
-            try:
-                completion = self._provider.parse(call, body, {})
-            except (APIError, StructuredOutputError) as exc:
-                return LineResult(custom_id, error=exc)
-            return answered(custom_id, completion, self._provider.cache_usage(body))
+            return answered(custom_id, self._provider, call, body)
         return LineResult(custom_id, error=self._provider.error(call, status or 500, body, {}))
-
-    def error(self, status: int, body: Any, headers: Mapping[str, str]) -> APIError:
-        return endpoint_error(self._provider.error(ENDPOINT_CALL, status, body, headers))
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _time(value: Any) -> float | None:

@@ -377,7 +377,7 @@ def header_int(value: str | None) -> int | None:
 
 
 def usage_count(value: Any) -> int:
-    """A token count from a usage object, 0 when absent or unreadable."""
+    """A count from a response body (tokens, batch requests), 0 when absent or unreadable."""
     try:
         return max(0, int(value or 0))
     except (TypeError, ValueError, OverflowError):
